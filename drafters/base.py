@@ -1,0 +1,35 @@
+"""The drafter interface: propose a draft tree from the current state; observe how verification went.
+
+Modelled on HF's candidate generator (``get_candidates`` / ``update_candidate_strategy``) with a tree instead of a
+chain. A drafter may keep any state (its own model's KV cache, n-gram tables, adjacency matrices, layer sets); the
+engine guarantees the call order ``begin`` -> (``propose`` -> ``observe``)* for every generate() call.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from typing import ClassVar
+
+import torch
+
+from specdec.state import DecodeState, StepOutcome
+from specdec.tree import DraftTree
+
+
+class Drafter(ABC):
+    name: ClassVar[str]
+    needs_target_hidden_states: ClassVar[bool] = False  # hidden-state heads (Medusa, Hydra, EAGLE-like) set True
+
+    def __init__(self, target: torch.nn.Module):
+        self.target_model = target
+        self.forward_count = 0  # drafter model forwards, for stats (0 for model-free drafters)
+
+    def begin(self, state: DecodeState) -> None:
+        """Called once per generate() after the target's prefill; ``state.sequence`` ends with the first root."""
+
+    @abstractmethod
+    def propose(self, state: DecodeState) -> DraftTree:
+        """Return a draft tree below ``state.root`` (may be empty); tokens on the target's device."""
+
+    def observe(self, state: DecodeState, outcome: StepOutcome) -> None:
+        """Called after every verification; ``state.sequence`` already holds the emitted tokens."""

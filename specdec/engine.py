@@ -1,0 +1,172 @@
+"""SpecEngine: draft -> verify -> commit -> stop-check, the whole speculative decoding loop.
+
+One loop for every drafter and acceptance rule (Leviathan et al. 2023, arXiv 2211.17192; tree verification as in
+SpecInfer, arXiv 2305.09781): the drafter proposes a tree below the newest token, the target scores the root and
+every node in one forward under an ancestor mask, the verifier picks the accepted path and the next token, the
+target's cache keeps only that path, and the stopping rules cut the emitted tokens.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import torch
+
+from specdec.drafters.base import Drafter
+from specdec.errors import IncompatibleModelsError, InvalidInputError
+from specdec.runner import CausalLMRunner
+from specdec.sampling import SamplingConfig
+from specdec.state import DecodeState, StepOutcome
+from specdec.stats import DecodingStats
+from specdec.stopping import StoppingRules, normalize_eos
+from specdec.tree import DraftTree
+from specdec.verifiers import Verifier, create_verifier
+from specdec.verifiers.base import VerificationResult
+
+
+@dataclass
+class GenerationResult:
+    sequences: torch.Tensor  # LongTensor [1, prompt_len + new], like HF generate
+    stats: DecodingStats
+
+    @property
+    def new_tokens(self) -> torch.Tensor:
+        return self.sequences[:, self.sequences.shape[1] - self.stats.new_tokens:]
+
+
+class SpecEngine:
+    """Lossless speculative decoding of ``target`` (an HF causal LM) with ``drafter``."""
+
+    def __init__(self, target: torch.nn.Module, drafter: Drafter, verifier: "str | Verifier" = "greedy"):
+        self.target = target
+        self.runner = CausalLMRunner(target)
+        self.drafter = drafter
+        self.verifier = create_verifier(verifier)
+        if getattr(drafter, "target_model", target) is not target:
+            raise IncompatibleModelsError("the drafter was created for a different target model")
+
+    # ------------------------------------------------------------------ public API
+    def generate(self, input_ids: torch.Tensor, max_new_tokens: int = 128, eos_token_id=None,
+                 stop_strings: "str | list[str] | None" = None, tokenizer=None, do_sample: bool = False,
+                 temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None,
+                 min_p: float | None = None, repetition_penalty: float = 1.0,
+                 generator: torch.Generator | None = None, streamer=None, attention_mask=None) -> "GenerationResult":
+        """Generate up to ``max_new_tokens`` after ``input_ids`` [1, L] (or [L]); arguments mean what they mean in HF."""
+        input_ids = self._check_prompt(input_ids, attention_mask)
+        sampling = SamplingConfig(do_sample, temperature, top_k, top_p, min_p, repetition_penalty)
+        self._check_sampling(sampling)
+        self._check_length(input_ids, max_new_tokens)
+        stops = StoppingRules(max_new_tokens, normalize_eos(eos_token_id),
+                              [stop_strings] if isinstance(stop_strings, str) else list(stop_strings or []),
+                              tokenizer)
+        stats = DecodingStats(lossless=self.verifier.lossless, verifier=self.verifier.name,
+                              drafter=getattr(self.drafter, "name", type(self.drafter).__name__))
+        draft_forwards_before = self.drafter.forward_count
+
+        t0 = time.perf_counter()
+        prefill = self.runner.prefill(input_ids, output_hidden_states=self.drafter.needs_target_hidden_states)
+        first = prefill.logits[-1:].argmax(dim=-1)
+        stats.prefill_time = time.perf_counter() - t0
+        state = DecodeState(sequence=input_ids, prompt_len=input_ids.shape[1], target=self.runner,
+                            sampling=sampling, generator=generator, max_new_tokens=max_new_tokens)
+        if prefill.hidden_states is not None:
+            state.target_hidden = prefill.hidden_states[-1]
+        done = self._emit(state, stops, first, streamer)
+        if not done:
+            self.drafter.begin(state)
+        while not done:
+            done = self._step(state, stops, stats, streamer)
+
+        stats.new_tokens = state.num_generated
+        stats.draft_forwards = self.drafter.forward_count - draft_forwards_before
+        if streamer is not None:
+            streamer.end()
+        return GenerationResult(state.sequence, stats)
+
+    # ------------------------------------------------------------------ one step
+    def _step(self, state: DecodeState, stops: StoppingRules, stats: DecodingStats, streamer) -> bool:
+        t0 = time.perf_counter()
+        proposed = self.drafter.propose(state)
+        tree, index_in_proposed = self._fit(proposed, state.remaining)
+        t1 = time.perf_counter()
+
+        prefix_len = self.runner.length  # == len(sequence) - 1: the root is fed with the tree
+        slot_tokens = torch.cat([state.sequence[0, -1:], tree.tokens.to(state.sequence.device)])
+        hidden = self.drafter.needs_target_hidden_states
+        out = self.runner.forward(slot_tokens, tree.slot_positions(prefix_len), tree.ancestors, hidden)
+        result = self.verifier.verify(tree, out.logits, state.sampling, state.generator)
+        keep = torch.cat([result.accepted_nodes.new_zeros(1), result.accepted_nodes + 1])
+        self.runner.commit(prefix_len, keep)
+        if hidden:
+            state.target_hidden = out.hidden_states[-1][keep]
+        stats.verify_time += time.perf_counter() - t1
+        stats.draft_time += t1 - t0
+        stats.target_forwards += 1
+        stats.accepted_lengths.append(result.num_accepted + 1)
+        stats.draft_depths.append(tree.max_depth)
+        stats.tree_sizes.append(tree.size)
+
+        done = self._emit(state, stops, result.tokens, streamer)
+        if tree is not proposed:  # report node indices of the tree the drafter proposed
+            result = VerificationResult(index_in_proposed[result.accepted_nodes], result.tokens, result.bonus)
+        outcome = StepOutcome(proposed, result, out.logits, state.sequence[0, -result.tokens.numel():])
+        t2 = time.perf_counter()
+        if not done:
+            self.drafter.observe(state, outcome)
+        stats.draft_time += time.perf_counter() - t2
+        return done
+
+    def _emit(self, state: DecodeState, stops: StoppingRules, tokens: torch.Tensor, streamer) -> bool:
+        generated = state.sequence[0, state.prompt_len:]
+        emitted, done = stops.cut(generated, tokens.to(state.sequence.device))
+        state.sequence = torch.cat([state.sequence, emitted[None]], dim=1)
+        if streamer is not None and emitted.numel():
+            streamer.put(emitted.cpu())
+        return done
+
+    @staticmethod
+    def _fit(tree: DraftTree, remaining: int) -> tuple[DraftTree, torch.Tensor | None]:
+        """Drop nodes deeper than the tokens still allowed (a step emits accepted + 1)."""
+        if tree.size == 0 or tree.max_depth <= remaining - 1:
+            return tree, None
+        return tree.prune(tree.depths <= remaining - 1)
+
+    # ------------------------------------------------------------------ input checks
+    def _check_prompt(self, input_ids, attention_mask) -> torch.Tensor:
+        if not isinstance(input_ids, torch.Tensor):
+            input_ids = torch.as_tensor(input_ids, dtype=torch.long)
+        if input_ids.dim() == 1:
+            input_ids = input_ids[None]
+        if input_ids.dim() != 2:
+            raise InvalidInputError(f"input_ids must be [batch, length], got shape {tuple(input_ids.shape)}")
+        if input_ids.shape[0] != 1:
+            raise InvalidInputError(f"SpecEngine decodes one sequence at a time; got a batch of {input_ids.shape[0]}")
+        if input_ids.shape[1] == 0:
+            raise InvalidInputError("the prompt is empty: input_ids has no tokens")
+        if attention_mask is not None and not bool(torch.as_tensor(attention_mask).bool().all()):
+            raise InvalidInputError("padded prompts are not supported: attention_mask must be all ones")
+        if input_ids.dtype not in (torch.long, torch.int32, torch.int64):
+            raise InvalidInputError(f"input_ids must hold integer token ids, got {input_ids.dtype}")
+        vocab = self.runner.vocab_size
+        if bool((input_ids < 0).any()) or bool((input_ids >= vocab).any()):
+            raise InvalidInputError(f"input_ids hold token ids outside the target vocabulary [0, {vocab})")
+        return input_ids.long().to(self.runner.device)
+
+    def _check_length(self, input_ids: torch.Tensor, max_new_tokens) -> None:
+        if not isinstance(max_new_tokens, int) or isinstance(max_new_tokens, bool) or max_new_tokens < 1:
+            raise InvalidInputError(f"max_new_tokens must be an integer >= 1, got {max_new_tokens!r}")
+        limit = self.runner.max_positions
+        if limit is not None and input_ids.shape[1] + max_new_tokens > limit:
+            raise InvalidInputError(
+                f"prompt ({input_ids.shape[1]} tokens) plus max_new_tokens ({max_new_tokens}) exceeds the target's "
+                f"context of {limit} positions")
+
+    def _check_sampling(self, sampling: SamplingConfig) -> None:
+        if sampling.do_sample and not self.verifier.samples:
+            raise InvalidInputError(
+                f"do_sample=True needs a sampling verifier; {self.verifier.name!r} decodes greedily")
+        if not sampling.do_sample and self.verifier.samples:
+            raise InvalidInputError(f"verifier {self.verifier.name!r} samples; pass do_sample=True or use 'greedy'")
+        if sampling.repetition_penalty != 1.0:
+            raise InvalidInputError("repetition_penalty is not supported by SpecEngine yet")

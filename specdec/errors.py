@@ -1,0 +1,30 @@
+"""Exceptions raised by specdec. Each names the problem in words a user can act on."""
+
+from __future__ import annotations
+
+
+class SpecDecError(Exception):
+    """Base class of every error specdec raises on purpose."""
+
+
+class InvalidInputError(SpecDecError, ValueError):
+    """A generation argument or prompt that cannot be served (empty prompt, too long, bad max_new_tokens...)."""
+
+
+class IncompatibleModelsError(SpecDecError, ValueError):
+    """Drafter and target cannot work together (different vocabularies, ...)."""
+
+
+class UnknownNameError(SpecDecError, KeyError):
+    """A registry lookup (drafter, verifier, model, preset) for a name that does not exist."""
+
+    def __str__(self) -> str:  # KeyError would quote the message
+        return str(self.args[0]) if self.args else ""
+
+
+class ModelFetchError(SpecDecError, RuntimeError):
+    """A model package could not be downloaded or unpacked."""
+
+
+class ChecksumError(SpecDecError, RuntimeError):
+    """An assembled model file does not have the sha256 it must have."""

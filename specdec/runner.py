@@ -1,0 +1,129 @@
+"""A causal LM with its own KV cache, fed tokens under an arbitrary (tree) mask.
+
+The runner owns one ``DynamicCache`` kept *contiguous*: cache slot ``i`` holds position ``i``. A forward appends
+new tokens with explicit position ids and a 4D boolean mask (True = may attend) passed as call arguments; for
+models with sliding-window layers (Gemma 3) the mask is a dict keyed by layer type and the cache is created without
+a config, so it keeps full KV in every layer and a rejected draft never evicts anything still needed.
+:meth:`commit` keeps a chosen subset of the newest tokens, moved into the slots right after the old prefix, and
+drops the rest: rollback is a slice, O(accepted) copies.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from transformers import DynamicCache
+
+
+@dataclass(frozen=True)
+class ForwardOutput:
+    logits: torch.Tensor  # [n_new, V] float32, one row per fed token (or per kept token)
+    hidden_states: tuple[torch.Tensor, ...] | None = None  # per layer (embeddings first), each [n_new, d]
+
+
+class CausalLMRunner:
+    """Feeds tokens to ``model`` on top of its cache. Batch size 1 for now; tensors keep the batch dimension."""
+
+    def __init__(self, model: torch.nn.Module):
+        self.model = model
+        config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+        self.config = config
+        self.vocab_size = int(model.get_input_embeddings().weight.shape[0])
+        self.layer_types: list[str] | None = list(getattr(config, "layer_types", None) or []) or None
+        self.sliding_window: int | None = getattr(config, "sliding_window", None)
+        self.max_positions: int | None = getattr(config, "max_position_embeddings", None)
+        self.cache: DynamicCache | None = None
+        self.length = 0  # tokens in the cache == next free position
+
+    @property
+    def device(self) -> torch.device:
+        return self.model.get_input_embeddings().weight.device
+
+    @property
+    def uses_sliding_window(self) -> bool:
+        return bool(self.layer_types and "sliding_attention" in self.layer_types and self.sliding_window)
+
+    def reset(self) -> None:
+        self.cache = DynamicCache()
+        self.length = 0
+
+    # ------------------------------------------------------------------ forwards
+    @torch.no_grad()
+    def prefill(self, input_ids: torch.Tensor, output_hidden_states: bool = False,
+                logits_to_keep: int = 1) -> ForwardOutput:
+        """Reset the cache and run the prompt ``input_ids`` [1, L]; logits of the last ``logits_to_keep`` tokens."""
+        assert input_ids.dim() == 2 and input_ids.shape[0] == 1, "input_ids must be [1, L]"
+        self.reset()
+        n = input_ids.shape[1]
+        positions = torch.arange(n, device=self.device)
+        causal = torch.ones(n, n, dtype=torch.bool, device=self.device).tril_()
+        return self.forward(input_ids[0], positions, causal, output_hidden_states, logits_to_keep)
+
+    @torch.no_grad()
+    def forward(self, tokens: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor,
+                output_hidden_states: bool = False, logits_to_keep: int = 0) -> ForwardOutput:
+        """Append ``tokens`` [n] at ``positions`` [n] under ``mask`` (True = may attend).
+
+        ``mask`` is [n, n] over the new tokens, each of which then sees the whole cache, or [n, length + n] over
+        cache and new tokens (drafters that keep tree branches in their cache). Sliding-window layers further
+        restrict it to keys within the window.
+        ``logits_to_keep=0`` returns logits for all new tokens.
+        """
+        n = tokens.numel()
+        assert tokens.dim() == 1 and positions.shape == tokens.shape
+        assert mask.shape in ((n, n), (n, self.length + n)), "mask must be [n, n] or [n, length + n]"
+        if self.cache is None:
+            self.reset()
+        dev = self.device
+        tokens, positions, mask = tokens.to(dev), positions.to(dev), mask.to(dev)
+        attn = self._attention_mask(positions, mask)
+        out = self.model(
+            input_ids=tokens[None],
+            position_ids=positions[None],
+            attention_mask=attn,
+            past_key_values=self.cache,
+            use_cache=True,
+            output_hidden_states=output_hidden_states,
+            logits_to_keep=logits_to_keep,
+        )
+        self.length += tokens.numel()
+        hidden = tuple(h[0] for h in out.hidden_states) if output_hidden_states else None
+        return ForwardOutput(out.logits[0].float(), hidden)
+
+    def _attention_mask(self, positions: torch.Tensor, mask: torch.Tensor):
+        n = positions.numel()
+        if mask.shape[1] == n and self.length:
+            mask = torch.cat([torch.ones(n, self.length, dtype=torch.bool, device=mask.device), mask], dim=1)
+        full = mask[None, None]  # [1, 1, n, past + n]
+        if not self.uses_sliding_window:
+            return full
+        key_pos = torch.cat([torch.arange(self.length, device=mask.device), positions])
+        near = (positions[:, None] - key_pos[None, :]) < self.sliding_window  # [n, past + n]
+        return {"full_attention": full, "sliding_attention": full & near[None, None]}
+
+    # ------------------------------------------------------------------ cache edits
+    def commit(self, base: int, keep: torch.Tensor) -> None:
+        """Keep cache slots ``base + keep`` (increasing indices, relative to ``base``) right after ``base``; drop the rest.
+
+        ``keep`` indexes the tokens fed since the cache held ``base`` tokens.
+        """
+        assert self.cache is not None and 0 <= base <= self.length
+        keep = keep.to(self.device).long()
+        n_keep = keep.numel()
+        contiguous = n_keep == 0 or bool(keep[-1] == n_keep - 1)  # increasing and ends at n-1 => keep == arange
+        for layer in self.cache.layers:
+            if not getattr(layer, "is_initialized", False):
+                continue
+            if not contiguous:
+                layer.keys[:, :, base:base + n_keep] = layer.keys[:, :, base + keep]
+                layer.values[:, :, base:base + n_keep] = layer.values[:, :, base + keep]
+            layer.keys = layer.keys[:, :, :base + n_keep]
+            layer.values = layer.values[:, :, :base + n_keep]
+        self.length = base + n_keep
+
+    def crop(self, length: int) -> None:
+        """Drop every cache slot from ``length`` on."""
+        if self.cache is None or length >= self.length:
+            return
+        self.commit(length, torch.zeros(0, dtype=torch.long))

@@ -1,0 +1,58 @@
+"""Per-generate() decoding statistics: tau, accepted lengths, forwards, time split."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass
+class DecodingStats:
+    accepted_lengths: list[int] = field(default_factory=list)  # tokens per verification step (accepted + 1)
+    draft_depths: list[int] = field(default_factory=list)  # depth of the verified tree per step
+    tree_sizes: list[int] = field(default_factory=list)  # draft nodes verified per step
+    target_forwards: int = 0  # verification forwards (prefill excluded)
+    draft_forwards: int = 0  # drafter model forwards (0 for model-free drafters)
+    prefill_time: float = 0.0  # seconds
+    draft_time: float = 0.0
+    verify_time: float = 0.0
+    new_tokens: int = 0
+    lossless: bool = True  # False when an opt-in lossy verifier (typical acceptance) was used
+    verifier: str = "greedy"
+    drafter: str = ""
+
+    @property
+    def mean_accepted_length(self) -> float:
+        """tau: tokens produced per target forward during decoding (Spec-Bench's mean accepted tokens)."""
+        return sum(self.accepted_lengths) / len(self.accepted_lengths) if self.accepted_lengths else 0.0
+
+    @property
+    def total_time(self) -> float:
+        return self.prefill_time + self.draft_time + self.verify_time
+
+    def acceptance_rate_by_depth(self) -> list[float]:
+        """For depth d = 1, 2, ...: P(draft token at depth d accepted | depth d-1 accepted and drafted)."""
+        rates = []
+        max_d = max(self.draft_depths, default=0)
+        for d in range(1, max_d + 1):
+            tried = sum(1 for a, depth in zip(self.accepted_lengths, self.draft_depths) if depth >= d and a >= d)
+            ok = sum(1 for a, depth in zip(self.accepted_lengths, self.draft_depths) if depth >= d and a >= d + 1)
+            rates.append(ok / tried if tried else float("nan"))
+        return rates
+
+    def as_dict(self) -> dict:
+        return {
+            "tau": self.mean_accepted_length,
+            "accepted_lengths": list(self.accepted_lengths),
+            "draft_depths": list(self.draft_depths),
+            "tree_sizes": list(self.tree_sizes),
+            "target_forwards": self.target_forwards,
+            "draft_forwards": self.draft_forwards,
+            "prefill_time": self.prefill_time,
+            "draft_time": self.draft_time,
+            "verify_time": self.verify_time,
+            "new_tokens": self.new_tokens,
+            "acceptance_rate_by_depth": self.acceptance_rate_by_depth(),
+            "lossless": self.lossless,
+            "verifier": self.verifier,
+            "drafter": self.drafter,
+        }

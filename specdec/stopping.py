@@ -1,0 +1,68 @@
+"""Stopping rules applied to the tokens a verification step emits: max_new_tokens, EOS ids and stop strings.
+
+A step may accept several tokens at once, so each rule says where in the step's tokens to cut: ``max_new_tokens``
+is exact, tokens after an EOS are dropped, and a stop string ends generation on the token that completes it (as
+HF's ``StopStringCriteria`` does, tokens stay whole).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from specdec.errors import InvalidInputError
+
+
+def normalize_eos(eos_token_id) -> list[int]:
+    if eos_token_id is None:
+        return []
+    if isinstance(eos_token_id, torch.Tensor):
+        return [int(x) for x in eos_token_id.flatten().tolist()]
+    if isinstance(eos_token_id, int):
+        return [eos_token_id]
+    return [int(x) for x in eos_token_id]
+
+
+@dataclass
+class StoppingRules:
+    max_new_tokens: int
+    eos_token_ids: list[int]
+    stop_strings: list[str]
+    tokenizer: object | None = None
+
+    def __post_init__(self) -> None:
+        if self.stop_strings and self.tokenizer is None:
+            raise InvalidInputError("stop_strings need tokenizer= to decode the generated tokens")
+        if any(not isinstance(s, str) or not s for s in self.stop_strings):
+            raise InvalidInputError("stop_strings must be non-empty strings")
+        self._eos = torch.tensor(self.eos_token_ids, dtype=torch.long) if self.eos_token_ids else None
+        self._window = max((len(s) for s in self.stop_strings), default=0) + 8
+
+    def cut(self, generated: torch.Tensor, new: torch.Tensor) -> tuple[torch.Tensor, bool]:
+        """``generated`` [g] tokens emitted so far, ``new`` [k] this step's tokens -> (tokens to emit, stop?)."""
+        room = self.max_new_tokens - generated.numel()
+        stop = new.numel() >= room
+        new = new[:room]
+        if self._eos is not None and new.numel():
+            is_eos = torch.isin(new, self._eos.to(new.device))
+            if bool(is_eos.any()):
+                new = new[: int(is_eos.nonzero()[0, 0]) + 1]
+                stop = True
+        if self.stop_strings and new.numel():
+            end = self._stop_string_end(generated, new)
+            if end is not None:
+                return new[:end], True
+        return new, stop
+
+    def _stop_string_end(self, generated: torch.Tensor, new: torch.Tensor) -> int | None:
+        """Number of ``new`` tokens up to and including the one that completes a stop string, if any."""
+        lo = max(0, generated.numel() - self._window)
+        context = generated[lo:].tolist()
+        before = self.tokenizer.decode(context)
+        new_list = new.tolist()
+        for j in range(len(new_list)):  # a step emits a handful of tokens
+            text = self.tokenizer.decode(context + new_list[: j + 1])
+            if any(s in text and s not in before for s in self.stop_strings):
+                return j + 1
+        return None

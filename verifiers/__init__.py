@@ -1,0 +1,32 @@
+"""Acceptance rules, chosen by name: ``create_verifier("greedy")``."""
+
+from __future__ import annotations
+
+from specdec.errors import UnknownNameError
+from specdec.verifiers.base import VerificationResult, Verifier
+from specdec.verifiers.greedy import GreedyVerifier
+
+_REGISTRY: dict[str, type[Verifier]] = {}
+
+
+def register_verifier(cls: type[Verifier]) -> type[Verifier]:
+    _REGISTRY[cls.name] = cls
+    return cls
+
+
+def available_verifiers() -> list[str]:
+    return sorted(_REGISTRY)
+
+
+def create_verifier(name_or_verifier: "str | Verifier", **options) -> Verifier:
+    if isinstance(name_or_verifier, Verifier):
+        return name_or_verifier
+    if name_or_verifier not in _REGISTRY:
+        raise UnknownNameError(
+            f"unknown verifier {name_or_verifier!r}; available verifiers: {', '.join(available_verifiers())}")
+    return _REGISTRY[name_or_verifier](**options)
+
+
+register_verifier(GreedyVerifier)
+
+__all__ = ["Verifier", "VerificationResult", "available_verifiers", "create_verifier", "register_verifier"]

@@ -5,6 +5,19 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 
+def acceptance_by_depth(accepted_lengths: list[int], draft_depths: list[int]) -> list[float]:
+    """For depth d = 1, 2, ...: P(the draft token at depth d is accepted | depth d was drafted and reached).
+
+    ``accepted_lengths`` are tokens per step (accepted + 1), ``draft_depths`` the depth of each step's tree.
+    """
+    rates = []
+    for d in range(1, max(draft_depths, default=0) + 1):
+        pairs = [(a, depth) for a, depth in zip(accepted_lengths, draft_depths) if depth >= d and a >= d]
+        ok = sum(1 for a, _ in pairs if a >= d + 1)
+        rates.append(ok / len(pairs) if pairs else float("nan"))
+    return rates
+
+
 @dataclass
 class DecodingStats:
     accepted_lengths: list[int] = field(default_factory=list)  # tokens per verification step (accepted + 1)
@@ -30,14 +43,7 @@ class DecodingStats:
         return self.prefill_time + self.draft_time + self.verify_time
 
     def acceptance_rate_by_depth(self) -> list[float]:
-        """For depth d = 1, 2, ...: P(draft token at depth d accepted | depth d-1 accepted and drafted)."""
-        rates = []
-        max_d = max(self.draft_depths, default=0)
-        for d in range(1, max_d + 1):
-            tried = sum(1 for a, depth in zip(self.accepted_lengths, self.draft_depths) if depth >= d and a >= d)
-            ok = sum(1 for a, depth in zip(self.accepted_lengths, self.draft_depths) if depth >= d and a >= d + 1)
-            rates.append(ok / tried if tried else float("nan"))
-        return rates
+        return acceptance_by_depth(self.accepted_lengths, self.draft_depths)
 
     def as_dict(self) -> dict:
         return {

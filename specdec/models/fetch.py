@@ -9,7 +9,9 @@ Steps (each skipped when its output is already in the cache):
 
 from __future__ import annotations
 
+import copy
 import hashlib
+import json
 import os
 import re
 import subprocess
@@ -106,7 +108,10 @@ def convert_to_safetensors(spec: ModelSpec, gguf: Path, out_dir: Path) -> Path:
     print(f"converting {gguf.name} to safetensors (once; about a minute)...", file=sys.stderr)
     tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
     quantized = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
-    plain = AutoModelForCausalLM.from_config(quantized.config, dtype=torch.float32)
+    config = copy.deepcopy(quantized.config)
+    if hasattr(config, "quantization_config"):  # else reloading would re-pack the weights into GGUF kernels
+        del config.quantization_config
+    plain = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     missing, unexpected = plain.load_state_dict(quantized.state_dict(), strict=False)
     missing = [k for k in missing if k not in _tied_keys(plain)]
     if missing or unexpected:
@@ -128,6 +133,8 @@ def ensure_converted(spec: ModelSpec, cache_dir: Path) -> Path:
     """Return the folder of the converted model, fetching, checking and converting as needed."""
     hf_dir = cache_dir / "hf" / spec.name
     if (hf_dir / "config.json").exists():
+        if "quantization_config" in json.loads((hf_dir / "config.json").read_text()):
+            raise ModelFetchError(f"{hf_dir} was converted by an older specdec with packed weights; delete it and run again")
         return hf_dir
     gguf = cache_dir / "gguf" / spec.gguf_name
     if not gguf.exists():

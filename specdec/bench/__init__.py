@@ -1,0 +1,1 @@
+"""Benchmarking: prompt sets, interleaved runs against HF baselines, reports."""

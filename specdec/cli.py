@@ -1,0 +1,186 @@
+"""``specdec bench`` and ``specdec generate``: the command line over presets in ``configs/``."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+
+from specdec.errors import SpecDecError, UnknownNameError
+from specdec.presets import load_preset
+
+
+def _common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", help="preset name in configs/ or a YAML path (default: qwen-coder-pair)")
+    p.add_argument("--target", help="target model name (specdec.models) or local HF folder")
+    p.add_argument("--draft", help="draft model name or folder, for drafters and baselines that need one")
+    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], help="target (and baseline) precision")
+    p.add_argument("--threads", type=int, help="torch CPU threads")
+    p.add_argument("--drafter", action="append", help="preset drafter entry or registered drafter (repeatable)")
+    p.add_argument("--verifier", help="acceptance rule (default greedy)")
+    p.add_argument("--max-new-tokens", type=int, dest="max_new_tokens")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="specdec", description="Lossless speculative decoding for HF causal LMs")
+    sub = parser.add_subparsers(dest="command", required=True)
+    bench = sub.add_parser("bench", help="benchmark drafters against HF baselines on a prompt set")
+    _common(bench)
+    bench.add_argument("--categories", help="comma-separated categories (Spec-Bench main or sub categories)")
+    bench.add_argument("--limit", type=int, help="number of prompts, round-robin over categories")
+    bench.add_argument("--prompts", help="JSONL prompt file (default: the shipped Spec-Bench questions)")
+    bench.add_argument("--baselines", help="comma-separated: plain,hf-assisted,hf-prompt-lookup")
+    bench.add_argument("--output", help="folder for results.json, report.md and the plots")
+    bench.add_argument("--no-progress", action="store_true")
+    gen = sub.add_parser("generate", help="generate from one prompt, streaming the text")
+    _common(gen)
+    gen.add_argument("prompt", help="the prompt (a chat message when the tokenizer has a chat template)")
+    gen.add_argument("--raw", action="store_true", help="do not apply the chat template")
+    gen.add_argument("--do-sample", action="store_true")
+    gen.add_argument("--temperature", type=float, default=1.0)
+    gen.add_argument("--top-k", type=int)
+    gen.add_argument("--top-p", type=float)
+    gen.add_argument("--seed", type=int, default=0)
+    return parser
+
+
+def settings(args: argparse.Namespace) -> dict:
+    """The preset overlaid with the flags that were given."""
+    cfg = load_preset(args.config)
+    for key, value in vars(args).items():
+        if value is None or key in ("config", "command", "drafter"):
+            continue
+        if key in ("categories", "baselines"):
+            value = [v.strip() for v in value.split(",") if v.strip()]
+        cfg[key] = value
+    cfg.setdefault("dtype", "bfloat16")
+    cfg.setdefault("max_new_tokens", 128)
+    cfg["drafter_entries"] = select_drafters(cfg.get("drafters") or {}, args.drafter)
+    return cfg
+
+
+def select_drafters(entries: dict, wanted: list[str] | None) -> list[dict]:
+    from specdec.drafters import available_drafters
+
+    if not wanted:
+        return [{"name": k, **v} for k, v in entries.items()]
+    out = []
+    for name in wanted:
+        if name in entries:
+            out.append({"name": name, **entries[name]})
+        elif name in available_drafters():
+            out.append({"name": name, "drafter": name})
+        else:
+            raise UnknownNameError(f"unknown drafter {name!r}; preset entries: {', '.join(entries) or '-'}; "
+                                   f"registered drafters: {', '.join(available_drafters())}")
+    return out
+
+
+def load_models(cfg: dict):
+    import torch
+
+    from specdec import models
+
+    dtype = getattr(torch, cfg["dtype"])
+    target, tokenizer = _load(models, cfg["target"], dtype)
+    draft = None
+    if cfg.get("draft"):
+        draft, _ = _load(models, cfg["draft"], dtype)
+    return target, draft, tokenizer
+
+
+def _load(models, name: str, dtype):
+    from pathlib import Path
+
+    if Path(name).is_dir():
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        return AutoModelForCausalLM.from_pretrained(name, dtype=dtype).eval(), AutoTokenizer.from_pretrained(name)
+    return models.load(name, dtype=dtype)
+
+
+def cmd_bench(cfg: dict, progress: bool) -> int:
+    import torch
+
+    from specdec.bench import prompts as P
+    from specdec.bench.methods import build_method
+    from specdec.bench.report import format_table, write_outputs
+    from specdec.bench.run import run_benchmark, summarize
+
+    if cfg.get("threads"):
+        torch.set_num_threads(int(cfg["threads"]))
+    selected = P.select(P.read_prompts(cfg.get("prompts")), cfg.get("categories"), cfg.get("limit"))
+    if not selected:
+        raise SpecDecError("no prompts selected")
+    t0 = time.perf_counter()
+    target, draft, tokenizer = load_models(cfg)
+    print(f"models loaded in {time.perf_counter() - t0:.1f}s", file=sys.stderr)
+    baselines = cfg.get("baselines") or ["plain"]
+    if "plain" not in baselines:
+        baselines = ["plain", *baselines]
+    if draft is None:
+        baselines = [b for b in baselines if b != "hf-assisted"]
+    specs = [{"name": b, "baseline": b} for b in baselines] + cfg["drafter_entries"]
+    for s in cfg["drafter_entries"]:
+        s.setdefault("verifier", cfg.get("verifier", "greedy"))
+    methods = [build_method(s, target, draft) for s in specs]
+    eos = target.generation_config.eos_token_id
+    encode = lambda p: P.encode(tokenizer, p, chat=cfg.get("chat", True))  # noqa: E731
+    results = run_benchmark(methods, selected, encode, cfg["max_new_tokens"], eos, target=target,
+                            warmup_prompt=selected[0], progress=progress)
+    summary = summarize(results, assisted="hf-assisted" if "hf-assisted" in baselines else None)
+    print(format_table(summary))
+    setup = {k: cfg.get(k) for k in ("target", "draft", "dtype", "threads", "max_new_tokens", "verifier")}
+    setup.update(prompts=len(selected), categories=sorted({p.main_category for p in selected}))
+    out_dir = cfg.get("output") or "results/latest"
+    for kind, path in write_outputs(out_dir, setup, summary, results).items():
+        print(f"{kind}: {path}", file=sys.stderr)
+    return 0
+
+
+def cmd_generate(cfg: dict, args: argparse.Namespace) -> int:
+    import torch
+    from transformers import TextStreamer
+
+    from specdec import SpecEngine
+    from specdec.bench.methods import build_method
+    from specdec.bench.prompts import Prompt, encode
+
+    if cfg.get("threads"):
+        torch.set_num_threads(int(cfg["threads"]))
+    target, draft, tokenizer = load_models(cfg)
+    entry = cfg["drafter_entries"][0] if cfg["drafter_entries"] else {"name": "prompt-lookup"}
+    entry.setdefault("verifier", cfg.get("verifier", "greedy"))
+    method = build_method(entry, target, draft)
+    engine: SpecEngine = method.engine
+    ids = encode(tokenizer, Prompt("cli", "cli", args.prompt), chat=not args.raw)
+    streamer = TextStreamer(tokenizer, skip_prompt=False, skip_special_tokens=True)
+    gen = torch.Generator().manual_seed(args.seed)
+    t0 = time.perf_counter()
+    result = engine.generate(ids, max_new_tokens=cfg["max_new_tokens"],
+                             eos_token_id=target.generation_config.eos_token_id, streamer=streamer,
+                             do_sample=args.do_sample, temperature=args.temperature, top_k=args.top_k,
+                             top_p=args.top_p, generator=gen)
+    seconds = time.perf_counter() - t0
+    s = result.stats
+    rates = ", ".join(f"{r:.2f}" for r in s.acceptance_rate_by_depth())
+    print(f"\n[{entry['name']}] {s.new_tokens} tokens in {seconds:.1f}s = {s.new_tokens / seconds:.2f} tok/s; "
+          f"tau {s.mean_accepted_length:.2f} over {s.target_forwards} target forwards; "
+          f"acceptance by depth: {rates}", file=sys.stderr)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        cfg = settings(args)
+        if args.command == "bench":
+            return cmd_bench(cfg, progress=not args.no_progress)
+        return cmd_generate(cfg, args)
+    except SpecDecError as exc:
+        print(f"specdec: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

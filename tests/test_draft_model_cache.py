@@ -1,0 +1,112 @@
+"""The draft-model drafter keeps its own KV cache in step: the slots it holds are exactly what a fresh prefill of
+the tokens it claims to hold (``drafter.cached``) builds, after every step and after generate() returns.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from regimes import REGIMES, RegimeDrafter
+from specdec import SpecEngine
+from specdec.drafters import create_drafter
+from specdec.drafters.base import Drafter
+from specdec.runner import CausalLMRunner
+from specdec.tree import DraftTree
+from tiny_models import ARCHS, greedy_reference, tiny_model, tiny_prompt
+
+NEW_TOKENS = 24
+DRAFT_MODELS = {"other": lambda arch: tiny_model(arch, seed=1), "target": lambda arch: tiny_model(arch)}
+
+
+def _assert_cache_holds(drafter, tokens: torch.Tensor) -> None:
+    """``drafter.runner``'s cache equals a fresh prefill of ``tokens`` [L], the tokens the drafter claims to hold."""
+    runner = drafter.runner
+    assert runner.length == tokens.numel(), "draft cache length differs from the tokens it claims to hold"
+    fresh = CausalLMRunner(runner.model)
+    fresh.prefill(tokens[None].to(runner.device))
+    assert len(runner.cache.layers) == len(fresh.cache.layers)
+    for i, (got, want) in enumerate(zip(runner.cache.layers, fresh.cache.layers)):
+        assert got.keys.shape == want.keys.shape, f"layer {i}"
+        torch.testing.assert_close(got.keys, want.keys, atol=1e-5, rtol=0, msg=f"keys of layer {i}")
+        torch.testing.assert_close(got.values, want.values, atol=1e-5, rtol=0, msg=f"values of layer {i}")
+
+
+class CacheCheckingDrafter(RegimeDrafter):
+    """Checks the inner draft-model drafter's cache after each of its observe() calls."""
+
+    def __init__(self, inner, regime, reference):
+        super().__init__(inner, regime, reference)
+        self.checked_steps = 0
+
+    def observe(self, state, outcome):
+        super().observe(state, outcome)
+        cached = self.inner.cached
+        if self.regime == "natural":  # with rewritten drafts the draft model holds its own tokens, not the accepted
+            assert torch.equal(cached, state.sequence[0, :cached.numel()].cpu())
+        _assert_cache_holds(self.inner, cached)
+        self.checked_steps += 1
+
+
+@pytest.mark.parametrize("regime", REGIMES)
+@pytest.mark.parametrize("draft", DRAFT_MODELS)
+@pytest.mark.parametrize("mode", ["chain", "tree"])
+@pytest.mark.parametrize("arch", ARCHS)
+def test_draft_cache_in_step_after_every_step(arch, mode, draft, regime):
+    target = tiny_model(arch)
+    prompt = tiny_prompt()
+    reference = greedy_reference(target, prompt, NEW_TOKENS + 8)[0]
+    inner = create_drafter("draft-model", target=target, model=DRAFT_MODELS[draft](arch), mode=mode)
+    drafter = CacheCheckingDrafter(inner, regime, reference)
+    result = SpecEngine(target, drafter).generate(prompt, max_new_tokens=NEW_TOKENS)
+    assert torch.equal(result.sequences, reference[None, :prompt.shape[1] + NEW_TOKENS])
+    assert drafter.checked_steps > 0  # (whether the last step is observed too is test_engine_follows_...'s matter)
+
+
+@pytest.mark.parametrize("max_new_tokens", [NEW_TOKENS, NEW_TOKENS + 4])
+@pytest.mark.parametrize("draft", DRAFT_MODELS)
+@pytest.mark.parametrize("mode", ["chain", "tree"])
+@pytest.mark.parametrize("arch", ARCHS)
+def test_draft_cache_in_step_after_generate(arch, mode, draft, max_new_tokens):
+    # With the target drafting for itself every draft is accepted, and at 28 new tokens the last step still drafts
+    # more than one level deep, so the draft model has fed tree nodes that only an observe() would settle.
+    target = tiny_model(arch)
+    drafter = create_drafter("draft-model", target=target, model=DRAFT_MODELS[draft](arch), mode=mode)
+    result = SpecEngine(target, drafter).generate(tiny_prompt(), max_new_tokens=max_new_tokens)
+    cached = drafter.cached
+    assert torch.equal(cached, result.sequences[0, :cached.numel()].cpu())
+    _assert_cache_holds(drafter, cached)
+
+
+class CallRecorder(Drafter):
+    """Records the engine's calls; proposes the next 4 reference tokens (all accepted)."""
+
+    name = "call-recorder"
+
+    def __init__(self, target, reference: torch.Tensor):
+        super().__init__(target)
+        self.reference = reference
+        self.calls: list[str] = []
+
+    def begin(self, state):
+        self.calls.append("begin")
+
+    def propose(self, state):
+        self.calls.append("propose")
+        pos = state.sequence.shape[1] - 1
+        return DraftTree.chain(self.reference[pos + 1: pos + 1 + min(4, state.remaining - 1)])
+
+    def observe(self, state, outcome):
+        self.calls.append("observe")
+
+
+@pytest.mark.parametrize("max_new_tokens,steps", [(2, 1), (6, 1), (7, 2), (16, 3)])
+def test_engine_follows_every_propose_with_observe(max_new_tokens, steps):
+    """drafters/base.py promises the call order begin -> (propose -> observe)* for every generate() call; a drafter
+    that is never told how its last proposal went keeps unverified draft state (see the test above)."""
+    target = tiny_model("llama")
+    reference = greedy_reference(target, tiny_prompt(), 16)[0]
+    drafter = CallRecorder(target, reference)
+    result = SpecEngine(target, drafter).generate(tiny_prompt(), max_new_tokens=max_new_tokens)
+    assert result.stats.target_forwards == steps
+    assert drafter.calls == ["begin"] + ["propose", "observe"] * steps

@@ -15,6 +15,7 @@ proposal feeds only what the cache lacks.
 from __future__ import annotations
 
 import copy
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -35,7 +36,7 @@ class DraftModelConfig:
     width: int = 4  # nodes expanded per level (tree)
     budget: int = 12  # nodes kept in the final tree
     min_prob: float = 0.0  # stop expanding once the best frontier path probability falls below this
-    quantize: str | None = None  # "int8": torch dynamic int8 quantization of the draft's Linear layers (CPU)
+    quantize: str | None = "auto"  # "int8": dynamic int8 Linear layers (CPU only); "auto": int8 when on CPU
     dtype: str | None = None  # cast the draft model ("bfloat16", "float32"); None keeps it as given
 
     def __post_init__(self) -> None:
@@ -44,8 +45,8 @@ class DraftModelConfig:
         for field in ("depth", "topk", "width", "budget"):
             if getattr(self, field) < 1:
                 raise InvalidInputError(f"draft-model {field} must be >= 1, got {getattr(self, field)}")
-        if self.quantize not in (None, "int8"):
-            raise InvalidInputError(f"draft-model quantize must be None or 'int8', got {self.quantize!r}")
+        if self.quantize not in (None, "int8", "auto"):
+            raise InvalidInputError(f"draft-model quantize must be None, 'int8' or 'auto', got {self.quantize!r}")
 
     @property
     def shape(self) -> tuple[int, int, int]:
@@ -56,10 +57,17 @@ class DraftModelConfig:
 
 
 def _prepare(model: torch.nn.Module, config: DraftModelConfig) -> torch.nn.Module:
-    if config.quantize == "int8":
-        from torch.ao.quantization import quantize_dynamic
+    """The model that drafts: int8-quantized on CPU by default (3x cheaper than bf16 there; proposals only)."""
+    on_cpu = model.get_input_embeddings().weight.device.type == "cpu"
+    quantize = config.quantize == "int8" or (config.quantize == "auto" and on_cpu)
+    if quantize and not on_cpu:
+        raise InvalidInputError("quantize='int8' uses torch's CPU dynamic quantization; the draft model is not on CPU")
+    if quantize:
+        with warnings.catch_warnings():  # torch.ao dynamic quantization warns that it is deprecated for torchao
+            warnings.simplefilter("ignore")
+            from torch.ao.quantization import quantize_dynamic
 
-        model = quantize_dynamic(copy.deepcopy(model).float(), {torch.nn.Linear}, dtype=torch.qint8)
+            model = quantize_dynamic(copy.deepcopy(model).float(), {torch.nn.Linear}, dtype=torch.qint8)
     elif config.dtype is not None:
         model = copy.deepcopy(model).to(getattr(torch, config.dtype))
     return model.eval()
@@ -155,7 +163,8 @@ class DraftModelDrafter(Drafter):
             return
         accepted_pool = self._chosen[outcome.result.accepted_nodes.to(self._chosen.device)]
         slots = self._fed_slots[accepted_pool]
-        slots = slots[: int((slots >= 0).sum())]  # fed nodes form a prefix of the path
+        in_sequence = min(int((slots >= 0).sum()), outcome.emitted.numel())  # fed nodes form a prefix of the path
+        slots = slots[:in_sequence]  # and stopping rules may have cut the emitted tokens
         self.runner.commit(self._tree_base, slots)
         kept_tokens = self._pool_tokens[accepted_pool[: slots.numel()]].cpu()  # what the draft cache really holds
         self.cached = torch.cat([self.cached[: self._tree_base], kept_tokens])

@@ -25,6 +25,9 @@ from specdec.verifiers import Verifier, create_verifier
 from specdec.verifiers.base import VerificationResult
 
 
+_FROM_CONFIG = object()  # sentinel: take eos_token_id from the target's generation config
+
+
 @dataclass
 class GenerationResult:
     sequences: torch.Tensor  # LongTensor [1, prompt_len + new], like HF generate
@@ -47,12 +50,18 @@ class SpecEngine:
             raise IncompatibleModelsError("the drafter was created for a different target model")
 
     # ------------------------------------------------------------------ public API
-    def generate(self, input_ids: torch.Tensor, max_new_tokens: int = 128, eos_token_id=None,
+    def generate(self, input_ids: torch.Tensor, max_new_tokens: int = 128, eos_token_id=_FROM_CONFIG,
                  stop_strings: "str | list[str] | None" = None, tokenizer=None, do_sample: bool = False,
                  temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None,
                  min_p: float | None = None, repetition_penalty: float = 1.0,
                  generator: torch.Generator | None = None, streamer=None, attention_mask=None) -> "GenerationResult":
-        """Generate up to ``max_new_tokens`` after ``input_ids`` [1, L] (or [L]); arguments mean what they mean in HF."""
+        """Generate up to ``max_new_tokens`` after ``input_ids`` [1, L] (or [L]); arguments mean what they mean in HF.
+
+        ``eos_token_id`` defaults to the target's ``generation_config.eos_token_id``; pass None for no EOS.
+        """
+        if eos_token_id is _FROM_CONFIG:
+            config = getattr(self.target, "generation_config", None)
+            eos_token_id = getattr(config, "eos_token_id", None)
         input_ids = self._check_prompt(input_ids, attention_mask)
         sampling = SamplingConfig(do_sample, temperature, top_k, top_p, min_p, repetition_penalty)
         self._check_sampling(sampling)
@@ -112,14 +121,12 @@ class SpecEngine:
             result = VerificationResult(index_in_proposed[result.accepted_nodes], result.tokens, result.bonus)
         outcome = StepOutcome(proposed, result, out.logits, state.sequence[0, -result.tokens.numel():])
         t2 = time.perf_counter()
-        if not done:
-            self.drafter.observe(state, outcome)
+        self.drafter.observe(state, outcome)
         stats.draft_time += time.perf_counter() - t2
         return done
 
     def _emit(self, state: DecodeState, stops: StoppingRules, tokens: torch.Tensor, streamer) -> bool:
-        generated = state.sequence[0, state.prompt_len:]
-        emitted, done = stops.cut(generated, tokens.to(state.sequence.device))
+        emitted, done = stops.cut(state.sequence[0], state.prompt_len, tokens.to(state.sequence.device))
         state.sequence = torch.cat([state.sequence, emitted[None]], dim=1)
         if streamer is not None and emitted.numel():
             streamer.put(emitted.cpu())

@@ -1,6 +1,7 @@
 """A causal LM with its own KV cache, fed tokens under an arbitrary (tree) mask.
 
-The runner owns one ``DynamicCache`` kept *contiguous*: cache slot ``i`` holds position ``i``. A forward appends
+The runner owns one ``DynamicCache`` and the position of every slot in it (after a commit, slot ``i`` holds
+position ``i``; a drafter may keep tree branches in it, whose slots run ahead of their positions). A forward appends
 new tokens with explicit position ids and a 4D boolean mask (True = may attend) passed as call arguments; for
 models with sliding-window layers (Gemma 3) the mask is a dict keyed by layer type and the cache is created without
 a config, so it keeps full KV in every layer and a rejected draft never evicts anything still needed.
@@ -34,7 +35,8 @@ class CausalLMRunner:
         self.sliding_window: int | None = getattr(config, "sliding_window", None)
         self.max_positions: int | None = getattr(config, "max_position_embeddings", None)
         self.cache: DynamicCache | None = None
-        self.length = 0  # tokens in the cache == next free position
+        self.length = 0  # tokens in the cache
+        self.slot_positions = torch.zeros(0, dtype=torch.long)  # [length] position of each cache slot
 
     @property
     def device(self) -> torch.device:
@@ -47,6 +49,7 @@ class CausalLMRunner:
     def reset(self) -> None:
         self.cache = DynamicCache()
         self.length = 0
+        self.slot_positions = torch.zeros(0, dtype=torch.long, device=self.device)
 
     # ------------------------------------------------------------------ forwards
     @torch.no_grad()
@@ -88,6 +91,7 @@ class CausalLMRunner:
             logits_to_keep=logits_to_keep,
         )
         self.length += tokens.numel()
+        self.slot_positions = torch.cat([self.slot_positions.to(dev), positions])
         hidden = tuple(h[0] for h in out.hidden_states) if output_hidden_states else None
         return ForwardOutput(out.logits[0].float(), hidden)
 
@@ -98,7 +102,7 @@ class CausalLMRunner:
         full = mask[None, None]  # [1, 1, n, past + n]
         if not self.uses_sliding_window:
             return full
-        key_pos = torch.cat([torch.arange(self.length, device=mask.device), positions])
+        key_pos = torch.cat([self.slot_positions.to(mask.device), positions])  # slots may hold tree branches
         near = (positions[:, None] - key_pos[None, :]) < self.sliding_window  # [n, past + n]
         return {"full_attention": full, "sliding_attention": full & near[None, None]}
 
@@ -120,6 +124,7 @@ class CausalLMRunner:
                 layer.values[:, :, base:base + n_keep] = layer.values[:, :, base + keep]
             layer.keys = layer.keys[:, :, :base + n_keep]
             layer.values = layer.values[:, :, :base + n_keep]
+        self.slot_positions = torch.cat([self.slot_positions[:base], self.slot_positions[base + keep]])
         self.length = base + n_keep
 
     def crop(self, length: int) -> None:

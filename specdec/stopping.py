@@ -39,9 +39,9 @@ class StoppingRules:
         self._eos = torch.tensor(self.eos_token_ids, dtype=torch.long) if self.eos_token_ids else None
         self._window = max((len(s) for s in self.stop_strings), default=0) + 8
 
-    def cut(self, generated: torch.Tensor, new: torch.Tensor) -> tuple[torch.Tensor, bool]:
-        """``generated`` [g] tokens emitted so far, ``new`` [k] this step's tokens -> (tokens to emit, stop?)."""
-        room = self.max_new_tokens - generated.numel()
+    def cut(self, sequence: torch.Tensor, prompt_len: int, new: torch.Tensor) -> tuple[torch.Tensor, bool]:
+        """``sequence`` [L] prompt + tokens emitted so far, ``new`` [k] this step's tokens -> (tokens to emit, stop?)."""
+        room = self.max_new_tokens - (sequence.numel() - prompt_len)
         stop = new.numel() >= room
         new = new[:room]
         if self._eos is not None and new.numel():
@@ -50,19 +50,22 @@ class StoppingRules:
                 new = new[: int(is_eos.nonzero()[0, 0]) + 1]
                 stop = True
         if self.stop_strings and new.numel():
-            end = self._stop_string_end(generated, new)
+            end = self._stop_string_end(sequence, new)
             if end is not None:
                 return new[:end], True
         return new, stop
 
-    def _stop_string_end(self, generated: torch.Tensor, new: torch.Tensor) -> int | None:
-        """Number of ``new`` tokens up to and including the one that completes a stop string, if any."""
-        lo = max(0, generated.numel() - self._window)
-        context = generated[lo:].tolist()
-        before = self.tokenizer.decode(context)
+    def _stop_string_end(self, sequence: torch.Tensor, new: torch.Tensor) -> int | None:
+        """Number of ``new`` tokens up to and including the one that completes a stop string, if any.
+
+        The text before ``new`` (prompt included, as in HF) may hold the start of a stop string; only an occurrence
+        that ends inside the new tokens' text counts.
+        """
+        context = sequence[max(0, sequence.numel() - self._window):].tolist()
+        start = len(self.tokenizer.decode(context))
         new_list = new.tolist()
         for j in range(len(new_list)):  # a step emits a handful of tokens
             text = self.tokenizer.decode(context + new_list[: j + 1])
-            if any(s in text and s not in before for s in self.stop_strings):
+            if any(s in text[max(0, start - len(s) + 1):] for s in self.stop_strings):
                 return j + 1
         return None

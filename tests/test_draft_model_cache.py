@@ -16,7 +16,17 @@ from specdec.tree import DraftTree
 from tiny_models import ARCHS, greedy_reference, tiny_model, tiny_prompt
 
 NEW_TOKENS = 24
-DRAFT_MODELS = {"other": lambda arch: tiny_model(arch, seed=1), "target": lambda arch: tiny_model(arch)}
+# draft -> its options: another tiny model (mostly rejected) or the target itself (all accepted). Both unquantized:
+# CPU's default dynamic int8 quantization scales activations per forward call, so what a cache holds would depend
+# on how its tokens were batched, not only on which tokens it holds.
+DRAFT_MODELS = {"other": lambda arch: dict(model=tiny_model(arch, seed=1), quantize=None),
+                "target": lambda arch: dict(model=tiny_model(arch), quantize=None)}
+SHAPES = {
+    "chain": dict(mode="chain"),
+    "tree": dict(mode="tree"),
+    # narrow and deep: accepted paths reach past Gemma 3's sliding window while other branches sit in the cache
+    "deep-tree": dict(mode="tree", depth=12, topk=2, width=2, budget=60),
+}
 
 
 def _assert_cache_holds(drafter, tokens: torch.Tensor) -> None:
@@ -50,28 +60,28 @@ class CacheCheckingDrafter(RegimeDrafter):
 
 @pytest.mark.parametrize("regime", REGIMES)
 @pytest.mark.parametrize("draft", DRAFT_MODELS)
-@pytest.mark.parametrize("mode", ["chain", "tree"])
+@pytest.mark.parametrize("shape", SHAPES)
 @pytest.mark.parametrize("arch", ARCHS)
-def test_draft_cache_in_step_after_every_step(arch, mode, draft, regime):
+def test_draft_cache_in_step_after_every_step(arch, shape, draft, regime):
     target = tiny_model(arch)
     prompt = tiny_prompt()
-    reference = greedy_reference(target, prompt, NEW_TOKENS + 8)[0]
-    inner = create_drafter("draft-model", target=target, model=DRAFT_MODELS[draft](arch), mode=mode)
+    reference = greedy_reference(target, prompt, NEW_TOKENS + 16)[0]
+    inner = create_drafter("draft-model", target=target, **DRAFT_MODELS[draft](arch), **SHAPES[shape])
     drafter = CacheCheckingDrafter(inner, regime, reference)
     result = SpecEngine(target, drafter).generate(prompt, max_new_tokens=NEW_TOKENS)
     assert torch.equal(result.sequences, reference[None, :prompt.shape[1] + NEW_TOKENS])
-    assert drafter.checked_steps > 0  # (whether the last step is observed too is test_engine_follows_...'s matter)
+    assert drafter.checked_steps > 0  # whether the last step is observed: test_engine_follows_every_propose_...
 
 
 @pytest.mark.parametrize("max_new_tokens", [NEW_TOKENS, NEW_TOKENS + 4])
 @pytest.mark.parametrize("draft", DRAFT_MODELS)
-@pytest.mark.parametrize("mode", ["chain", "tree"])
+@pytest.mark.parametrize("shape", ["chain", "tree"])
 @pytest.mark.parametrize("arch", ARCHS)
-def test_draft_cache_in_step_after_generate(arch, mode, draft, max_new_tokens):
+def test_draft_cache_in_step_after_generate(arch, shape, draft, max_new_tokens):
     # With the target drafting for itself every draft is accepted, and at 28 new tokens the last step still drafts
     # more than one level deep, so the draft model has fed tree nodes that only an observe() would settle.
     target = tiny_model(arch)
-    drafter = create_drafter("draft-model", target=target, model=DRAFT_MODELS[draft](arch), mode=mode)
+    drafter = create_drafter("draft-model", target=target, **DRAFT_MODELS[draft](arch), **SHAPES[shape])
     result = SpecEngine(target, drafter).generate(tiny_prompt(), max_new_tokens=max_new_tokens)
     cached = drafter.cached
     assert torch.equal(cached, result.sequences[0, :cached.numel()].cpu())

@@ -22,7 +22,7 @@ from specdec.drafters import available_drafters, create_drafter
 from specdec.models import fetch
 from specdec.models.registry import ModelSpec
 from specdec.verifiers import available_verifiers
-from tiny_models import VOCAB, tiny_model, tiny_prompt
+from tiny_models import VOCAB, greedy_reference, tiny_model, tiny_prompt
 
 
 @pytest.fixture(scope="module")
@@ -69,9 +69,11 @@ def test_generate_rejects(engine, input_ids, kwargs, error, phrase):
         engine.generate(input_ids, **kwargs)
 
 
-def test_context_limit_is_inclusive(engine):
-    result = engine.generate(tiny_prompt(length=250), max_new_tokens=6)  # exactly 256 positions
+def test_context_limit_is_inclusive(engine, target):
+    prompt = tiny_prompt(length=250)
+    result = engine.generate(prompt, max_new_tokens=6)  # exactly 256 positions
     assert result.sequences.shape == (1, 256)
+    assert torch.equal(result.sequences, greedy_reference(target, prompt, 6))
 
 
 # ---------------------------------------------------------------------------------------------- drafters, verifiers
@@ -79,7 +81,8 @@ def test_context_limit_is_inclusive(engine):
     ("draft-model", {}, InvalidInputError, "draft-model needs model="),
     ("draft-model", dict(mode="beam"), InvalidInputError, "mode must be 'chain' or 'tree', got 'beam'"),
     ("draft-model", dict(depth=0), InvalidInputError, "draft-model depth must be >= 1, got 0"),
-    ("draft-model", dict(quantize="int4"), InvalidInputError, "quantize must be None or 'int8'"),
+    ("draft-model", dict(quantize="int4"), InvalidInputError,
+     "draft-model quantize must be None, 'int8' or 'auto', got 'int4'"),
     ("prompt-lookup", dict(num_tokens=0), InvalidInputError, "invalid prompt-lookup options"),
     ("prompt-lookup", dict(min_ngram=3, max_ngram=2), InvalidInputError, "invalid prompt-lookup options"),
 ])

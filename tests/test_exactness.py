@@ -17,19 +17,24 @@ import torch
 from regimes import REGIMES, RegimeDrafter
 from specdec import SpecEngine
 from specdec.drafters import available_drafters, create_drafter
-from tiny_models import ARCHS, greedy_reference, tiny_model, tiny_prompt
+from specdec.drafters.base import Drafter
+from specdec.tree import DraftTree
+from tiny_models import ARCHS, VOCAB, greedy_reference, tiny_model, tiny_prompt
 
 NEW_TOKENS = 28
-REFERENCE_SLACK = 16  # the regime rewriter looks this far past NEW_TOKENS at most (drafts are <= 10 deep)
+REFERENCE_SLACK = 16  # the regime rewriter looks this far past NEW_TOKENS at most (drafts are <= 12 deep)
 
 # drafter name -> variant -> factory(target, arch) returning the drafter's constructor options.
 # A newly registered drafter must get an entry here; until then its exactness tests fail.
 Factory = Callable[[torch.nn.Module, str], dict]
 DRAFTER_FACTORIES: dict[str, dict[str, Factory]] = {
-    "draft-model": {
+    "draft-model": {  # another tiny model drafts with the default options (int8 on CPU)
         "chain": lambda target, arch: dict(model=tiny_model(arch, seed=1), mode="chain"),
         "tree": lambda target, arch: dict(model=tiny_model(arch, seed=1), mode="tree"),
-        "self-chain": lambda target, arch: dict(model=target, mode="chain"),  # the target drafts for itself
+        # the target drafts for itself, unquantized: its drafts are the greedy tokens
+        "self-chain": lambda target, arch: dict(model=target, mode="chain", quantize=None),
+        "deep-tree": lambda target, arch: dict(model=tiny_model(arch, seed=1), mode="tree", depth=12, topk=2, width=2,
+                                               budget=60),
     },
     "prompt-lookup": {
         "chain": lambda target, arch: {},
@@ -63,8 +68,8 @@ def _long_reference(arch: str) -> torch.Tensor:
 def test_generate_equals_greedy(drafter_name, variant, arch, regime):
     if variant is None:
         pytest.fail(f"drafter {drafter_name!r} is registered but has no entry in DRAFTER_FACTORIES "
-                    f"(tests/test_exactness.py): add one mapping (target, arch) to its constructor options for a "
-                    f"tiny target so the exactness harness covers it")
+                    f"(tests/test_exactness.py): add a factory (target, arch) -> constructor options for a tiny "
+                    f"target, so that the exactness harness covers it")
     target = tiny_model(arch)
     prompt = tiny_prompt()
     inner = create_drafter(drafter_name, target=target, **DRAFTER_FACTORIES[drafter_name][variant](target, arch))
@@ -93,3 +98,37 @@ def test_generate_equals_greedy(drafter_name, variant, arch, regime):
     elif regime == "wrong_at_depth_2":
         assert stats.accepted_lengths == [min(d, 1) + 1 for d in depths]
         assert all(a <= 2 for a in stats.accepted_lengths) and 2 in stats.accepted_lengths
+
+
+class HiddenStateProbe(Drafter):
+    """Asks for the target's hidden states; proposes [right, right, wrong] below each root and records, at every
+    proposal, state.target_hidden with the positions it should cover: the tokens the target's cache took in since
+    the previous proposal (the prompt, then the previous root and its accepted tokens)."""
+
+    name = "hidden-state-probe"
+    needs_target_hidden_states = True
+
+    def __init__(self, target, reference: torch.Tensor):
+        super().__init__(target)
+        self.reference = reference
+        self.seen: list[tuple[int, int, torch.Tensor]] = []  # (first position, end position, state.target_hidden)
+
+    def propose(self, state):
+        root = state.sequence.shape[1] - 1  # position of the root == tokens in the target's cache
+        self.seen.append((self.seen[-1][1] if self.seen else 0, root, state.target_hidden))
+        right = self.reference[root + 1: root + 3]
+        wrong = (self.reference[root + 3: root + 4] + 1) % VOCAB
+        return DraftTree.chain(torch.cat([right, wrong])[:state.remaining - 1])
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_target_hidden_states_of_committed_tokens(arch):
+    target = tiny_model(arch)
+    probe = HiddenStateProbe(target, _long_reference(arch))
+    result = SpecEngine(target, probe).generate(tiny_prompt(), max_new_tokens=13)
+    assert result.stats.accepted_lengths == [3, 3, 3, 3]
+    with torch.no_grad():
+        hidden = target(input_ids=result.sequences, output_hidden_states=True).hidden_states[-1][0]  # [L, d]
+    assert [(start, end) for start, end, _ in probe.seen] == [(0, 12), (12, 15), (15, 18), (18, 21)]
+    for start, end, seen in probe.seen:
+        torch.testing.assert_close(seen, hidden[start:end], atol=1e-4, rtol=0)

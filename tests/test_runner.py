@@ -128,6 +128,26 @@ def test_crop(arch, length):
     torch.testing.assert_close(got, expected, atol=1e-4, rtol=0)
 
 
+@pytest.mark.parametrize("arch", ARCHS)
+def test_tree_branches_kept_in_cache_match_sequential(arch):
+    """The layout the draft-model drafter uses: two chains below the prompt's last token, fed one level per forward
+    with [n, length + n] masks, earlier levels staying in the cache. Cache slots then no longer equal positions
+    (level k sits at slots L + 2(k - 1) and L + 2k - 1, both at position L - 1 + k); 8 levels reach past the
+    sliding window."""
+    model = tiny_model(arch)
+    prompt = _prompt()[0]
+    chains = torch.tensor([[40, 41, 42, 43, 44, 45, 46, 47], [60, 61, 62, 63, 64, 65, 66, 67]])  # [2, levels]
+    runner = CausalLMRunner(model)
+    runner.prefill(prompt[None])
+    for k in range(1, chains.shape[1] + 1):
+        tree_cols = torch.eye(2, dtype=torch.bool).repeat(1, k - 1)  # chain c owns every other tree slot
+        mask = torch.cat([torch.ones(2, PROMPT_LEN, dtype=torch.bool), tree_cols, torch.eye(2, dtype=torch.bool)], 1)
+        logits = runner.forward(chains[:, k - 1], torch.full((2,), PROMPT_LEN - 1 + k), mask).logits
+        for c in range(2):
+            expected = _last_logits(model, torch.cat([prompt, chains[c, :k]]))
+            torch.testing.assert_close(logits[c], expected, atol=1e-4, rtol=0, msg=f"level {k}, chain {c}")
+
+
 def test_crop_before_any_forward_is_a_no_op():
     runner = CausalLMRunner(tiny_model("llama"))
     runner.crop(0)

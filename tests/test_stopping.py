@@ -1,7 +1,7 @@
 """Stopping rules cut a step's accepted tokens exactly: max_new_tokens, EOS ids and stop strings.
 
-Both drafters accept long drafts, so every stop falls inside a step: the target drafting for itself (chain of 8,
-shortened by the drafter near the end) and an oracle that always proposes 8 reference tokens, however few
+Both drafters accept long drafts, so every stop falls inside a step: the target drafting for itself (unquantized,
+chain of 8, shortened by the drafter near the end) and an oracle that always proposes 8 reference tokens, however few
 generate() still allows (the engine must prune it).
 """
 
@@ -24,7 +24,7 @@ ABSENT = 93  # a token the continuation never emits
 
 DRAFTERS = {
     "self-chain": lambda target, ref: create_drafter("draft-model", target=target, model=target, mode="chain",
-                                                     depth=8),
+                                                     depth=8, quantize=None),
     "oracle": lambda target, ref: OracleChainDrafter(target, ref, depth=8),
 }
 
@@ -77,6 +77,7 @@ def test_eos_cuts_right_after_the_eos_token(target, reference, drafter, eos_form
 
 @pytest.mark.parametrize("drafter", DRAFTERS)
 @pytest.mark.parametrize("stop_strings,new_tokens", [
+    ("t39", 1),  # completed by the prefill's token
     ("t55", 3),
     ("t5", 3),  # ends inside the word "t55": the whole token is kept
     ("t20 t41", 6),  # spans two tokens
@@ -84,6 +85,9 @@ def test_eos_cuts_right_after_the_eos_token(target, reference, drafter, eos_form
     ("t41 t41", 11),
     (["t93", "t50"], 7),
     ("t93", NEW_TOKENS),  # never emitted
+    # Begin in the prompt (... t36 t31): HF's StopStringCriteria matches the end of the whole sequence.
+    ("t31 t39", 1),
+    ("t36 t31 t39 t72", 2),
 ])
 def test_stop_strings_match_hf(target, reference, drafter, stop_strings, new_tokens):
     tokenizer = word_tokenizer()
@@ -93,6 +97,18 @@ def test_stop_strings_match_hf(target, reference, drafter, stop_strings, new_tok
     assert torch.equal(result.sequences, reference[:, :P + new_tokens])
     hf = target.generate(PROMPT, attention_mask=torch.ones_like(PROMPT), max_new_tokens=NEW_TOKENS, do_sample=False,
                          eos_token_id=None, pad_token_id=2, stop_strings=stop_strings, tokenizer=tokenizer)
+    assert torch.equal(result.sequences, hf)
+
+
+def test_default_eos_is_the_generation_configs():
+    """As in HF, leaving eos_token_id out stops at the model's generation_config.eos_token_id."""
+    target = tiny_model("qwen2")
+    prompt = tiny_prompt(seed=1)
+    hf = target.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=NEW_TOKENS, do_sample=False,
+                         pad_token_id=2)
+    assert hf.shape == (1, P + 10) and int(hf[0, -1]) == target.generation_config.eos_token_id == 1
+    result = SpecEngine(target, create_drafter("prompt-lookup", target=target)).generate(prompt,
+                                                                                         max_new_tokens=NEW_TOKENS)
     assert torch.equal(result.sequences, hf)
 
 

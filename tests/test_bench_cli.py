@@ -1,0 +1,94 @@
+"""The benchmark pipeline on tiny models, prompt selection, presets and CLI errors."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from specdec import SpecEngine
+from specdec.bench import prompts as P
+from specdec.bench.methods import HFGenerate, SpecDecMethod
+from specdec.bench.report import format_table, write_outputs
+from specdec.bench.run import run_benchmark, summarize
+from specdec.cli import main, select_drafters
+from specdec.drafters import create_drafter
+from specdec.errors import InvalidInputError, UnknownNameError
+from specdec.presets import available_presets, load_preset
+from tiny_models import VOCAB, tiny_model
+
+
+def test_specbench_selection_is_round_robin_over_main_categories():
+    chosen = P.select(P.read_prompts(), limit=12)
+    assert [p.main_category for p in chosen[:6]] == list(P.MAIN_CATEGORIES)
+    assert len({p.category for p in chosen if p.main_category == "mt_bench"}) == 2  # two mt_bench sub-categories
+    assert len(P.read_prompts()) == 480
+
+
+def test_selection_by_category_and_unknown_category():
+    chosen = P.select(P.read_prompts(), categories=["coding", "qa"], limit=5)
+    assert {p.category for p in chosen} == {"coding", "qa"} and len(chosen) == 5
+    with pytest.raises(UnknownNameError, match="valid: .*translation"):
+        P.select(P.read_prompts(), categories=["poetry"])
+
+
+def test_unreadable_prompt_file_names_path_and_line(tmp_path):
+    bad = tmp_path / "p.jsonl"
+    bad.write_text('{"prompt": "fine"}\n{"nope": 1}\n')
+    with pytest.raises(InvalidInputError, match=r"p\.jsonl:2"):
+        P.read_prompts(bad)
+    with pytest.raises(InvalidInputError, match="does not exist"):
+        P.read_prompts(tmp_path / "missing.jsonl")
+
+
+def test_presets_load_and_unknown_preset_lists_choices():
+    assert {"qwen-coder-pair", "gemma-270m"} <= set(available_presets())
+    assert load_preset("qwen-coder-pair")["target"] == "qwen2.5-coder-1.5b"
+    with pytest.raises(UnknownNameError, match="available presets: .*qwen-coder-pair"):
+        load_preset("nope")
+
+
+def test_unknown_drafter_lists_entries_and_registered_names():
+    with pytest.raises(UnknownNameError, match="registered drafters: .*prompt-lookup"):
+        select_drafters({"tree": {"drafter": "draft-model"}}, ["nope"])
+    assert select_drafters({"tree": {"drafter": "draft-model"}}, ["prompt-lookup"]) == [
+        {"name": "prompt-lookup", "drafter": "prompt-lookup"}]
+
+
+@pytest.mark.parametrize("argv, phrase", [
+    (["bench", "--config", "nope"], "available presets"),
+    (["bench", "--categories", "poetry", "--limit", "1"], "unknown categories"),
+    (["bench", "--drafter", "nope"], "registered drafters"),
+])
+def test_cli_errors_exit_2_with_the_valid_choices(argv, phrase, capsys):
+    assert main(argv) == 2
+    assert phrase in capsys.readouterr().err
+
+
+def test_benchmark_pipeline_on_tiny_models(tmp_path):
+    target = tiny_model("llama")
+    draft = tiny_model("llama", seed=1)
+    methods = [
+        HFGenerate("plain", target),
+        HFGenerate("hf-assisted", target, {"assistant_model": draft}),
+        SpecDecMethod("self-draft", SpecEngine(target, create_drafter("draft-model", target=target, model=target,
+                                                                       mode="chain", depth=3))),
+    ]
+    prompts = [P.Prompt(str(i), cat, "x") for i, cat in enumerate(["coding", "qa", "rag"])]
+    encode = lambda p: torch.randint(3, VOCAB, (1, 8), generator=torch.Generator().manual_seed(int(p.id)))  # noqa
+    results = run_benchmark(methods, prompts, encode, 12, None, target=target, warmup_prompt=prompts[0],
+                            progress=False)
+    summary = summarize(results)
+    assert summary["self-draft"]["identical"] == 3 and summary["hf-assisted"]["identical"] == 3
+    assert summary["self-draft"]["tau"] > 3.0  # self-drafting with depth 3 accepts (almost) everything
+    assert summary["self-draft"]["acceptance_by_depth"][0] == 1.0
+    assert set(summary["plain"]["by_category"]) == {"mt_bench", "qa", "rag"}
+    assert "self-draft" in format_table(summary)
+    paths = write_outputs(tmp_path, {"target": "tiny"}, summary, results)
+    data = json.loads(paths["json"].read_text())
+    assert {"tau", "speedup", "identical"} <= set(data["summary"]["self-draft"])
+    assert len(data["records"]) == 9
+    for key in ("acceptance_png", "accepted_lengths_png", "speedup_png"):
+        assert paths[key].stat().st_size > 1000
+    assert "| self-draft |" in paths["markdown"].read_text()

@@ -7,6 +7,23 @@ into its ``topk`` children, in one draft forward under a tree mask; at the end t
 cumulative log-probability form the tree (a child never scores above its parent, so the choice is
 ancestor-closed). A chain is the tree with ``topk = width = 1``.
 
+With ``do_sample=True`` the draft model's logits go through the same processors as the target's (repetition
+penalty over the sequence and the node's draft path, temperature, top-k, top-p, min-p), giving q, and
+``sample_tree`` picks how children are chosen:
+
+  "without_replacement"  each expanded node draws ``topk`` distinct children from q in draw order (EAGLE-1,
+                         arXiv 2401.15077); ProposalKind.WITHOUT_REPLACEMENT
+  "iid"                  ``topk`` i.i.d. children, repeats allowed (SpecInfer arXiv 2305.09781, SpecTr arXiv
+                         2310.15141); ProposalKind.IID
+  "topk"                 the greedy dynamic tree on q, verified as point masses (EAGLE-2); ProposalKind.POINT_MASS
+
+A chain samples each token from q (ProposalKind.IID) unless ``sample_tree="topk"``. Sampled children are verified
+as draws from q, so the tree may not keep or drop a node's children by their own tokens: a sampled tree is made
+of whole sibling groups (all children of an expanded node, cut only by draw rank), chosen by their parent's
+cumulative log-probability until ``budget`` nodes are taken; ``min_prob`` does not cut them short (a sampled
+token is accepted with probability about 1 - TV(p, q) whatever its own q). Only sampled trees carry
+``draft_probs``.
+
 The draft model keeps its own KV cache in step with the sequence: after verification the accepted nodes it has
 already processed stay in its cache (moved into contiguous slots), everything else is dropped, and the next
 proposal feeds only what the cache lacks.
@@ -16,6 +33,7 @@ from __future__ import annotations
 
 import copy
 import warnings
+import weakref
 from dataclasses import dataclass
 
 import torch
@@ -24,8 +42,12 @@ from specdec.drafters import register_drafter
 from specdec.drafters.base import Drafter
 from specdec.errors import IncompatibleModelsError, InvalidInputError
 from specdec.runner import CausalLMRunner
+from specdec.sampling import apply_repetition_penalty, sample, seen_mask, warp_logits
 from specdec.state import DecodeState, StepOutcome
-from specdec.tree import DraftTree
+from specdec.tree import DraftTree, ProposalKind
+
+SAMPLE_TREES = {"without_replacement": ProposalKind.WITHOUT_REPLACEMENT, "iid": ProposalKind.IID,
+                "topk": ProposalKind.POINT_MASS}
 
 
 @dataclass(frozen=True)
@@ -35,9 +57,11 @@ class DraftModelConfig:
     topk: int = 4  # children per expanded node (tree)
     width: int = 4  # nodes expanded per level (tree)
     budget: int = 12  # nodes kept in the final tree
-    min_prob: float = 0.0  # stop expanding once the best frontier path probability falls below this
+    min_prob: float = 0.2  # stop expanding once the best frontier path probability falls below this: one more
+    #                         int8 draft forward (~35 ms) must buy more than it costs (tuned on the Qwen pair, bf16)
     quantize: str | None = "auto"  # "int8": dynamic int8 Linear layers (CPU only); "auto": int8 when on CPU
     dtype: str | None = None  # cast the draft model ("bfloat16", "float32"); None keeps it as given
+    sample_tree: str = "without_replacement"  # do_sample=True: "without_replacement", "iid" or "topk" children
 
     def __post_init__(self) -> None:
         if self.mode not in ("chain", "tree"):
@@ -45,6 +69,9 @@ class DraftModelConfig:
         for field in ("depth", "topk", "width", "budget"):
             if getattr(self, field) < 1:
                 raise InvalidInputError(f"draft-model {field} must be >= 1, got {getattr(self, field)}")
+        if self.sample_tree not in SAMPLE_TREES:
+            raise InvalidInputError(f"draft-model sample_tree must be one of {', '.join(map(repr, SAMPLE_TREES))}, "
+                                    f"got {self.sample_tree!r}")
         if self.quantize not in (None, "int8", "auto"):
             raise InvalidInputError(f"draft-model quantize must be None, 'int8' or 'auto', got {self.quantize!r}")
 
@@ -56,21 +83,52 @@ class DraftModelConfig:
         return self.topk, self.width, self.budget
 
 
+_PREPARED: "weakref.WeakKeyDictionary[torch.nn.Module, dict]" = weakref.WeakKeyDictionary()
+
+
 def _prepare(model: torch.nn.Module, config: DraftModelConfig) -> torch.nn.Module:
-    """The model that drafts: int8-quantized on CPU by default (3x cheaper than bf16 there; proposals only)."""
+    """The model that drafts: int8-quantized on CPU by default (3x cheaper than bf16 there; proposals only).
+
+    Converted copies are shared by every drafter built from the same model (a 0.5B copy costs ~1 GB).
+    """
     on_cpu = model.get_input_embeddings().weight.device.type == "cpu"
     quantize = config.quantize == "int8" or (config.quantize == "auto" and on_cpu)
     if quantize and not on_cpu:
         raise InvalidInputError("quantize='int8' uses torch's CPU dynamic quantization; the draft model is not on CPU")
+    key = "int8" if quantize else config.dtype
+    if key is None:
+        return model.eval()
+    copies = _PREPARED.setdefault(model, {})
+    if key not in copies:
+        copies[key] = _convert(model, quantize, config.dtype)
+    return copies[key]
+
+
+def _convert(model: torch.nn.Module, quantize: bool, dtype: str | None) -> torch.nn.Module:
     if quantize:
         with warnings.catch_warnings():  # torch.ao dynamic quantization warns that it is deprecated for torchao
             warnings.simplefilter("ignore")
             from torch.ao.quantization import quantize_dynamic
 
-            model = quantize_dynamic(copy.deepcopy(model).float(), {torch.nn.Linear}, dtype=torch.qint8)
-    elif config.dtype is not None:
-        model = copy.deepcopy(model).to(getattr(torch, config.dtype))
+            fp32 = copy.deepcopy(model).float()
+            model = quantize_dynamic(fp32, {torch.nn.Linear}, dtype=torch.qint8, inplace=True)
+    else:
+        model = copy.deepcopy(model).to(getattr(torch, dtype))
     return model.eval()
+
+
+@dataclass
+class _Fed:
+    """The pool nodes fed to the draft model during one proposal (they sit in its cache after the prefix)."""
+
+    slot: torch.Tensor  # LongTensor [pool]: cache slot (relative to tree_base) of each pool node, -1 if never fed
+    anc: torch.Tensor  # BoolTensor [F, F]: ancestor-or-self among fed nodes, in slot order
+    tokens: torch.Tensor  # LongTensor [F]: token of each fed node (kept only when paths are tracked)
+
+    @staticmethod
+    def empty(device: torch.device) -> "_Fed":
+        z = torch.zeros(0, dtype=torch.long, device=device)
+        return _Fed(z, torch.zeros(0, 0, dtype=torch.bool, device=device), z.clone())
 
 
 @register_drafter
@@ -106,56 +164,141 @@ class DraftModelDrafter(Drafter):
         if depth < 1:
             return DraftTree.empty(state.sequence.device)
         root_logits = self._sync(state.sequence[0].cpu())
-        tree_base = self.runner.length  # the root sits at slot tree_base - 1
-        self._tree_base = tree_base
+        self._tree_base = self.runner.length  # the root sits at slot tree_base - 1
+        if state.sampling.do_sample and self.config.sample_tree != "topk":
+            return self._propose_sampled(state, root_logits, depth)
         dev = self.runner.device
 
         # Pool of candidate nodes, in creation order (parents before children).
-        logp = torch.log_softmax(root_logits.float(), dim=-1)
+        logp = self._log_q(root_logits[None], state)[0]
         scores, tokens = logp.topk(topk)
         parents = torch.full((topk,), -1, dtype=torch.long, device=dev)
         level = torch.arange(topk, device=dev)  # pool indices of the newest level
-        fed = torch.full((topk,), -1, dtype=torch.long, device=dev)  # cache slot of a fed node, -1 if never fed
-        fed_anc = torch.zeros(0, 0, dtype=torch.bool, device=dev)  # [F, F] ancestor-or-self among fed nodes
+        fed = _Fed.empty(dev)
         for d in range(2, depth + 1):
             lvl_scores = scores[level]
             if float(lvl_scores.max().exp()) < self.config.min_prob:
                 break
             expand = level[lvl_scores.topk(min(width, level.numel())).indices]  # [w] pool indices
-            w = expand.numel()
-            f = fed_anc.shape[0]
-            par_slot = fed[parents[expand]].clamp(min=0)
-            has_par = parents[expand] >= 0
-            rows = torch.zeros(w, f, dtype=torch.bool, device=dev)
-            if f:
-                rows = fed_anc[par_slot] & has_par[:, None]
-            new_rows = torch.cat([rows, torch.eye(w, dtype=torch.bool, device=dev)], dim=1)  # [w, f + w]
-            fed_anc = torch.cat([torch.cat([fed_anc, torch.zeros(f, w, dtype=torch.bool, device=dev)], 1),
-                                 new_rows], 0)
-            mask = torch.cat([torch.ones(w, tree_base, dtype=torch.bool, device=dev), new_rows], dim=1)
-            positions = torch.full((w,), tree_base - 2 + d, dtype=torch.long, device=dev)
-            out = self.runner.forward(tokens[expand], positions, mask)
-            self.forward_count += 1
-            fed[expand] = torch.arange(f, f + w, device=dev)
-            child_logp, child_tok = torch.log_softmax(out.logits, dim=-1).topk(topk)  # [w, topk]
+            logits, paths = self._feed(fed, tokens, parents, expand, d, state.sampling.penalizes_repetition)
+            child_logp, child_tok = self._log_q(logits, state, paths).topk(topk)  # [w, topk]
             n_pool = tokens.numel()
             scores = torch.cat([scores, (scores[expand, None] + child_logp).flatten()])
             tokens = torch.cat([tokens, child_tok.flatten()])
             parents = torch.cat([parents, expand.repeat_interleave(topk)])
-            fed = torch.cat([fed, torch.full((w * topk,), -1, dtype=torch.long, device=dev)])
             level = torch.arange(n_pool, tokens.numel(), device=dev)
 
         # Keep the best `budget` nodes; a stable sort puts a parent before an equally scored child.
         order = torch.sort(scores, descending=True, stable=True).indices[:budget]
         chosen = order.sort().values  # creation order is topological
+        return self._finish(state, fed, tokens, parents, chosen)
+
+    def _propose_sampled(self, state: DecodeState, root_logits: torch.Tensor, depth: int) -> DraftTree:
+        """Children drawn from q (module docstring): the pool grows level by level as in the greedy tree (the
+        ``width`` best-scored nodes of a level are expanded), then whole sibling groups are kept in the order of
+        their parent's score."""
+        topk, width, budget = self.config.shape
+        kind = ProposalKind.IID if self.config.mode == "chain" else SAMPLE_TREES[self.config.sample_tree]
+        dev = self.runner.device
+
+        def draw(q: torch.Tensor) -> torch.Tensor:  # [w, V] -> [w, k] children in draw order
+            k = topk
+            if kind is ProposalKind.WITHOUT_REPLACEMENT:  # no more distinct children than q has tokens (host sync)
+                k = min(topk, int((q > 0).sum(dim=-1).min()))
+            return sample(q, state.generator, k, replacement=kind is ProposalKind.IID)
+
+        log_q = self._log_q(root_logits[None], state)  # [1, V]
+        q_rows = [log_q.exp()]  # q after every expanded node, the root's first
+        tokens = draw(q_rows[0])[0]  # [k] the pool, in creation order (parents before children)
+        k = tokens.numel()
+        scores = log_q[0, tokens]  # cumulative log q of each pool node
+        parents = torch.full_like(tokens, -1)
+        q_row = torch.zeros_like(tokens)  # row of q_rows each node was drawn from
+        group = torch.zeros_like(tokens)  # sibling group (one per expanded node, the root's first)
+        rank = torch.arange(k, device=dev)  # draw rank within the group
+        group_score = [torch.full((1,), torch.inf, device=dev)]  # parent's score of each group
+        group_size = [k]
+        level = torch.arange(k, device=dev)
+        fed = _Fed.empty(dev)
+        for d in range(2, depth + 1):  # no min_prob stop: a sampled token is accepted w.p. ~1 - TV(p, q), not ~q(x)
+            lvl_scores = scores[level]
+            expand = level[lvl_scores.topk(min(width, level.numel())).indices]  # [w] pool indices
+            w = expand.numel()
+            logits, paths = self._feed(fed, tokens, parents, expand, d, state.sampling.penalizes_repetition)
+            child_log_q = self._log_q(logits, state, paths)  # [w, V]
+            n_pool, n_rows, n_groups = tokens.numel(), sum(r.shape[0] for r in q_rows), len(group_size)
+            q_rows.append(child_log_q.exp())
+            child_tok = draw(q_rows[-1])  # [w, k]
+            k = child_tok.shape[1]
+            scores = torch.cat([scores, (scores[expand, None] + child_log_q.gather(1, child_tok)).flatten()])
+            tokens = torch.cat([tokens, child_tok.flatten()])
+            parents = torch.cat([parents, expand.repeat_interleave(k)])
+            q_row = torch.cat([q_row, torch.arange(n_rows, n_rows + w, device=dev).repeat_interleave(k)])
+            group = torch.cat([group, torch.arange(n_groups, n_groups + w, device=dev).repeat_interleave(k)])
+            rank = torch.cat([rank, torch.arange(k, device=dev).repeat(w)])
+            group_score.append(scores[expand])
+            group_size += [k] * w
+            level = torch.arange(n_pool, tokens.numel(), device=dev)
+
+        # A parent's group sorts before its children's (a child never scores above its parent; the stable sort
+        # keeps creation order on ties); groups are taken whole until the budget, the last one cut by draw rank.
+        order = torch.sort(torch.cat(group_score), descending=True, stable=True).indices
+        sizes = torch.tensor(group_size, device=dev)[order]
+        start = torch.empty_like(sizes)
+        start[order] = torch.cumsum(sizes, 0) - sizes  # nodes taken before each group
+        chosen = torch.nonzero(rank < budget - start[group]).flatten()  # creation order: siblings in draw order
+        q = torch.cat(q_rows)[q_row[chosen]]  # [n, V] q at each node's parent
+        return self._finish(state, fed, tokens, parents, chosen, q, kind)
+
+    def _feed(self, fed: "_Fed", tokens: torch.Tensor, parents: torch.Tensor, expand: torch.Tensor, d: int,
+              track_paths: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Run the draft model on pool nodes ``expand`` [w] (depth d - 1) under the tree mask; returns their logits
+        [w, V] and, with ``track_paths``, each one's draft path tokens [w, F] (-1 = not on the path)."""
+        dev = self.runner.device
+        w = expand.numel()
+        f = fed.anc.shape[0]
+        rows = torch.zeros(w, f, dtype=torch.bool, device=dev)
+        if f:
+            rows = fed.anc[fed.slot[parents[expand]].clamp(min=0)] & (parents[expand] >= 0)[:, None]
+        new_rows = torch.cat([rows, torch.eye(w, dtype=torch.bool, device=dev)], dim=1)  # [w, f + w]
+        fed.anc = torch.cat([torch.cat([fed.anc, torch.zeros(f, w, dtype=torch.bool, device=dev)], 1), new_rows], 0)
+        mask = torch.cat([torch.ones(w, self._tree_base, dtype=torch.bool, device=dev), new_rows], dim=1)
+        positions = torch.full((w,), self._tree_base - 2 + d, dtype=torch.long, device=dev)
+        out = self.runner.forward(tokens[expand], positions, mask)
+        self.forward_count += 1
+        fed.slot = torch.cat([fed.slot, torch.full((tokens.numel() - fed.slot.numel(),), -1, dtype=torch.long,
+                                                   device=dev)])
+        fed.slot[expand] = torch.arange(f, f + w, device=dev)
+        if not track_paths:
+            return out.logits, None
+        fed.tokens = torch.cat([fed.tokens, tokens[expand]])
+        return out.logits, torch.where(new_rows, fed.tokens[None, :], -1)
+
+    def _finish(self, state: DecodeState, fed: "_Fed", tokens: torch.Tensor, parents: torch.Tensor,
+                chosen: torch.Tensor, draft_probs: torch.Tensor | None = None,
+                kind: ProposalKind = ProposalKind.POINT_MASS) -> DraftTree:
+        """The tree of pool nodes ``chosen`` (increasing, ancestor-closed); remembers the pool for ``observe``."""
+        dev = self.runner.device
         remap = torch.full((tokens.numel(),), -1, dtype=torch.long, device=dev)
         remap[chosen] = torch.arange(chosen.numel(), device=dev)
         chosen_parents = parents[chosen]
         new_parents = torch.where(chosen_parents >= 0, remap[chosen_parents.clamp(min=0)], chosen_parents)
         self._chosen = chosen
-        self._fed_slots = fed
+        self._fed_slots = torch.cat([fed.slot, torch.full((tokens.numel() - fed.slot.numel(),), -1,
+                                                          dtype=torch.long, device=dev)])
         self._pool_tokens = tokens
-        return DraftTree(tokens[chosen], new_parents).to(state.sequence.device)
+        return DraftTree(tokens[chosen], new_parents, draft_probs, kind).to(state.sequence.device)
+
+    def _log_q(self, logits: torch.Tensor, state: DecodeState, paths: torch.Tensor | None = None) -> torch.Tensor:
+        """FloatTensor [m, V]: log of the draft distribution after each row of ``logits`` [m, V], through the same
+        processors as the target's; ``paths`` [m, a] the draft tokens each row follows (-1 = padding)."""
+        sampling = state.sampling
+        if sampling.penalizes_repetition:
+            seen = seen_mask(state.sequence[0].to(logits.device), logits.shape[-1], paths, rows=logits.shape[0])
+            logits = apply_repetition_penalty(logits, seen, sampling.repetition_penalty)
+        if sampling.do_sample:
+            logits = warp_logits(logits, sampling)
+        return torch.log_softmax(logits.float(), dim=-1)
 
     def observe(self, state: DecodeState, outcome: StepOutcome) -> None:
         """Keep the accepted nodes the draft model already processed; the next _sync feeds the rest."""

@@ -40,6 +40,8 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--temperature", type=float, default=1.0)
     gen.add_argument("--top-k", type=int)
     gen.add_argument("--top-p", type=float)
+    gen.add_argument("--min-p", type=float)
+    gen.add_argument("--repetition-penalty", type=float, default=1.0)
     gen.add_argument("--seed", type=int, default=0)
     return parser
 
@@ -160,7 +162,8 @@ def cmd_generate(cfg: dict, args: argparse.Namespace) -> int:
     result = engine.generate(ids, max_new_tokens=cfg["max_new_tokens"],
                              eos_token_id=target.generation_config.eos_token_id, streamer=streamer,
                              do_sample=args.do_sample, temperature=args.temperature, top_k=args.top_k,
-                             top_p=args.top_p, generator=gen)
+                             top_p=args.top_p, min_p=args.min_p, repetition_penalty=args.repetition_penalty,
+                             generator=gen)
     seconds = time.perf_counter() - t0
     s = result.stats
     rates = ", ".join(f"{r:.2f}" for r in s.acceptance_rate_by_depth())

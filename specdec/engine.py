@@ -16,7 +16,7 @@ import torch
 from specdec.drafters.base import Drafter
 from specdec.errors import IncompatibleModelsError, InvalidInputError
 from specdec.runner import CausalLMRunner
-from specdec.sampling import SamplingConfig
+from specdec.sampling import SamplingConfig, apply_repetition_penalty, next_token, seen_mask, tree_seen_mask
 from specdec.state import DecodeState, StepOutcome
 from specdec.stats import DecodingStats
 from specdec.stopping import StoppingRules, normalize_eos
@@ -58,6 +58,11 @@ class SpecEngine:
         """Generate up to ``max_new_tokens`` after ``input_ids`` [1, L] (or [L]); arguments mean what they mean in HF.
 
         ``eos_token_id`` defaults to the target's ``generation_config.eos_token_id``; pass None for no EOS.
+        Sampling (``do_sample=True``, with a sampling verifier such as "rejection") applies, in HF's order, the
+        repetition penalty, temperature, top-k, top-p and min-p to the target and the drafter alike; None/1.0
+        switch a processor off (unlike HF generate, no value is taken from the model's generation config: HF
+        falls back to ``generation_config.top_k``, 50 unless set). Random numbers come only from ``generator``
+        (a fresh, randomly seeded one when None), so a seeded generator gives a reproducible output.
         """
         if eos_token_id is _FROM_CONFIG:
             config = getattr(self.target, "generation_config", None)
@@ -66,6 +71,9 @@ class SpecEngine:
         sampling = SamplingConfig(do_sample, temperature, top_k, top_p, min_p, repetition_penalty)
         self._check_sampling(sampling)
         self._check_length(input_ids, max_new_tokens)
+        if sampling.do_sample and generator is None:  # never draw from (or reseed) the global RNG
+            generator = torch.Generator(device=self.runner.device)
+            generator.seed()
         stops = StoppingRules(max_new_tokens, normalize_eos(eos_token_id),
                               [stop_strings] if isinstance(stop_strings, str) else list(stop_strings or []),
                               tokenizer)
@@ -75,7 +83,11 @@ class SpecEngine:
 
         t0 = time.perf_counter()
         prefill = self.runner.prefill(input_ids, output_hidden_states=self.drafter.needs_target_hidden_states)
-        first = prefill.logits[-1:].argmax(dim=-1)
+        logits = prefill.logits[-1:]  # [1, V]
+        if sampling.penalizes_repetition:
+            logits = apply_repetition_penalty(logits, seen_mask(input_ids[0], logits.shape[-1]),
+                                              sampling.repetition_penalty)
+        first = next_token(logits, sampling, generator)
         stats.prefill_time = time.perf_counter() - t0
         state = DecodeState(sequence=input_ids, prompt_len=input_ids.shape[1], target=self.runner,
                             sampling=sampling, generator=generator, max_new_tokens=max_new_tokens)
@@ -104,7 +116,11 @@ class SpecEngine:
         slot_tokens = torch.cat([state.sequence[0, -1:], tree.tokens.to(state.sequence.device)])
         hidden = self.drafter.needs_target_hidden_states
         out = self.runner.forward(slot_tokens, tree.slot_positions(prefix_len), tree.ancestors, hidden)
-        result = self.verifier.verify(tree, out.logits, state.sampling, state.generator)
+        logits = out.logits  # [n+1, V]
+        if state.sampling.penalizes_repetition:  # each slot penalises the sequence and its own draft path
+            seen = tree_seen_mask(state.sequence[0], tree, logits.shape[-1])
+            logits = apply_repetition_penalty(logits, seen, state.sampling.repetition_penalty)
+        result = self.verifier.verify(tree, logits, state.sampling, state.generator)
         keep = torch.cat([result.accepted_nodes.new_zeros(1), result.accepted_nodes + 1])
         self.runner.commit(prefix_len, keep)
         if hidden:
@@ -175,5 +191,3 @@ class SpecEngine:
                 f"do_sample=True needs a sampling verifier; {self.verifier.name!r} decodes greedily")
         if not sampling.do_sample and self.verifier.samples:
             raise InvalidInputError(f"verifier {self.verifier.name!r} samples; pass do_sample=True or use 'greedy'")
-        if sampling.repetition_penalty != 1.0:
-            raise InvalidInputError("repetition_penalty is not supported by SpecEngine yet")

@@ -23,8 +23,8 @@ class DecodeState:
     sequence: torch.Tensor
     prompt_len: int
     target: CausalLMRunner  # layer-skipping drafters may run parts of it; only the engine feeds its cache
-    sampling: SamplingConfig
-    generator: torch.Generator | None = None
+    sampling: SamplingConfig  # do_sample=True: drafters that can sample draw from their warped distribution q
+    generator: torch.Generator | None = None  # the only source of random numbers (set whenever do_sample=True)
     max_new_tokens: int = 0
     target_hidden: torch.Tensor | None = None  # [k, d] last-layer states of the tokens committed by the last step
 
@@ -47,5 +47,5 @@ class StepOutcome:
 
     tree: DraftTree
     result: VerificationResult
-    target_logits: torch.Tensor  # [n+1, V] target logits over [root, node_0, ...]
+    target_logits: torch.Tensor  # [n+1, V] raw target logits over [root, node_0, ...] (before any processor)
     emitted: torch.Tensor  # LongTensor [e]: tokens appended to the sequence (result.tokens cut by stopping rules)

@@ -73,7 +73,8 @@ def test_benchmark_pipeline_on_tiny_models(tmp_path):
         HFGenerate("plain", target),
         HFGenerate("hf-assisted", target, {"assistant_model": draft}),
         SpecDecMethod("self-draft", SpecEngine(target, create_drafter("draft-model", target=target, model=target,
-                                                                       mode="chain", depth=3))),
+                                                                       mode="chain", depth=3, quantize=None,
+                                                                       min_prob=0.0))),
     ]
     prompts = [P.Prompt(str(i), cat, "x") for i, cat in enumerate(["coding", "qa", "rag"])]
     encode = lambda p: torch.randint(3, VOCAB, (1, 8), generator=torch.Generator().manual_seed(int(p.id)))  # noqa

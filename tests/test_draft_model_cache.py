@@ -25,7 +25,7 @@ SHAPES = {
     "chain": dict(mode="chain"),
     "tree": dict(mode="tree"),
     # narrow and deep: accepted paths reach past Gemma 3's sliding window while other branches sit in the cache
-    "deep-tree": dict(mode="tree", depth=12, topk=2, width=2, budget=60),
+    "deep-tree": dict(mode="tree", depth=12, topk=2, width=2, budget=60, min_prob=0.0),
 }
 
 

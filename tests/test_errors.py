@@ -59,11 +59,10 @@ def engine(target):
     (tiny_prompt(), dict(top_k=-1), InvalidInputError, "top_k must be a non-negative integer, got -1"),
     (tiny_prompt(), dict(min_p=1.5), InvalidInputError, "min_p must be in [0, 1], got 1.5"),
     (tiny_prompt(), dict(repetition_penalty=0.0), InvalidInputError, "repetition_penalty must be > 0"),
-    (tiny_prompt(), dict(repetition_penalty=1.2), InvalidInputError, "repetition_penalty is not supported"),
 ], ids=["empty-prompt", "too-long", "max-new-0", "max-new-negative", "max-new-float", "max-new-bool", "batch",
         "3d", "float-ids", "id-too-large", "id-negative", "padded", "do-sample-greedy", "temperature-0",
         "temperature-negative", "top-p-0", "top-p-above-1", "top-k-negative", "min-p-above-1",
-        "repetition-penalty-0", "repetition-penalty-unsupported"])
+        "repetition-penalty-0"])
 def test_generate_rejects(engine, input_ids, kwargs, error, phrase):
     with pytest.raises(error, match=re.escape(phrase)):
         engine.generate(input_ids, **kwargs)
@@ -117,9 +116,10 @@ def test_unknown_drafter_lists_the_valid_names(target):
 
 
 def test_unknown_verifier_lists_the_valid_names(target):
-    with pytest.raises(UnknownNameError, match=re.escape("unknown verifier 'nope'; available verifiers: greedy")):
+    with pytest.raises(UnknownNameError, match=re.escape(
+            "unknown verifier 'nope'; available verifiers: greedy, rejection, spectr, typical")):
         SpecEngine(target, create_drafter("prompt-lookup", target=target), verifier="nope")
-    assert available_verifiers() == ["greedy"]
+    assert available_verifiers() == ["greedy", "rejection", "spectr", "typical"]
 
 
 def test_unknown_model_lists_the_valid_names():

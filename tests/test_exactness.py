@@ -28,13 +28,15 @@ REFERENCE_SLACK = 16  # the regime rewriter looks this far past NEW_TOKENS at mo
 # A newly registered drafter must get an entry here; until then its exactness tests fail.
 Factory = Callable[[torch.nn.Module, str], dict]
 DRAFTER_FACTORIES: dict[str, dict[str, Factory]] = {
-    "draft-model": {  # another tiny model drafts with the default options (int8 on CPU)
-        "chain": lambda target, arch: dict(model=tiny_model(arch, seed=1), mode="chain"),
-        "tree": lambda target, arch: dict(model=tiny_model(arch, seed=1), mode="tree"),
+    # another tiny model drafts with the default options (int8 on CPU) except min_prob: the random draft model's
+    # flat distributions would stop every draft at depth 1, and the regimes need deeper drafts
+    "draft-model": {
+        "chain": lambda target, arch: dict(model=tiny_model(arch, seed=1), mode="chain", min_prob=0.0),
+        "tree": lambda target, arch: dict(model=tiny_model(arch, seed=1), mode="tree", min_prob=0.0),
         # the target drafts for itself, unquantized: its drafts are the greedy tokens
-        "self-chain": lambda target, arch: dict(model=target, mode="chain", quantize=None),
+        "self-chain": lambda target, arch: dict(model=target, mode="chain", quantize=None, min_prob=0.0),
         "deep-tree": lambda target, arch: dict(model=tiny_model(arch, seed=1), mode="tree", depth=12, topk=2, width=2,
-                                               budget=60),
+                                               budget=60, min_prob=0.0),
     },
     "prompt-lookup": {
         "chain": lambda target, arch: {},

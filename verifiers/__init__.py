@@ -1,10 +1,19 @@
-"""Acceptance rules, chosen by name: ``create_verifier("greedy")``."""
+"""Acceptance rules, chosen by name: ``create_verifier("greedy")``.
+
+greedy     argmax verification, for do_sample=False (lossless)
+rejection  speculative sampling over chains and trees (lossless)
+spectr     SpecTr K-SEQ over i.i.d. drafts (lossless)
+typical    Medusa typical acceptance (LOSSY, opt-in)
+"""
 
 from __future__ import annotations
 
 from specdec.errors import UnknownNameError
 from specdec.verifiers.base import VerificationResult, Verifier
 from specdec.verifiers.greedy import GreedyVerifier
+from specdec.verifiers.rejection import RejectionVerifier
+from specdec.verifiers.spectr import SpecTrVerifier
+from specdec.verifiers.typical import TypicalVerifier
 
 _REGISTRY: dict[str, type[Verifier]] = {}
 
@@ -27,6 +36,7 @@ def create_verifier(name_or_verifier: "str | Verifier", **options) -> Verifier:
     return _REGISTRY[name_or_verifier](**options)
 
 
-register_verifier(GreedyVerifier)
+for _cls in (GreedyVerifier, RejectionVerifier, SpecTrVerifier, TypicalVerifier):
+    register_verifier(_cls)
 
 __all__ = ["Verifier", "VerificationResult", "available_verifiers", "create_verifier", "register_verifier"]

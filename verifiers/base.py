@@ -45,4 +45,9 @@ class Verifier(ABC):
     @abstractmethod
     def verify(self, tree: DraftTree, logits: torch.Tensor, sampling: SamplingConfig,
                generator: torch.Generator | None = None) -> VerificationResult:
-        """``logits`` [n+1, V]: row 0 predicts the children of the root, row i+1 the children of node i."""
+        """``logits`` [n+1, V]: row 0 predicts the children of the root, row i+1 the children of node i.
+
+        The engine has already applied the processors that need the sequence (the repetition penalty, per slot with
+        the slot's draft path); a sampling verifier applies the warpers of ``sampling`` (``warped_probs``) itself,
+        and draws every random number from ``generator``.
+        """

@@ -2,7 +2,8 @@
 
 Lossless for greedy decoding: the output equals the target's own greedy output (speculative sampling with a
 one-hot target distribution; Leviathan et al. 2023, arXiv 2211.17192). Trees as in Medusa/EAGLE
-``evaluate_posterior``: ties between equally deep paths go to the first node.
+``evaluate_posterior``: ties between equally deep paths go to the first node. With a repetition penalty the engine
+hands over penalised logits, so the argmax is HF greedy's with ``repetition_penalty``.
 """
 
 from __future__ import annotations

@@ -172,5 +172,8 @@ class DraftTree:
         return DraftTree(self.tokens[kept], new_par, probs, self.proposal), kept
 
     def to(self, device: torch.device | str) -> "DraftTree":
+        """This tree on ``device``; the same object (with its built buffers) when it is already there."""
+        if self.tokens.device == torch.device(device):
+            return self
         probs = None if self.draft_probs is None else self.draft_probs.to(device)
         return DraftTree(self.tokens.to(device), self.parents.to(device), probs, self.proposal)

@@ -23,6 +23,8 @@ class Drafter(ABC):
     def __init__(self, target: torch.nn.Module):
         self.target_model = target
         self.forward_count = 0  # drafter model forwards, for stats (0 for model-free drafters)
+        self.tree_budget: int | None = None  # drafters that size their trees to the hardware set the node budget
+        #                                      they chose for the current proposal; the engine records it in stats
 
     def begin(self, state: DecodeState) -> None:
         """Called once per generate() after the target's prefill; ``state.sequence`` ends with the first root."""

@@ -131,11 +131,15 @@ class SpecEngine:
         stats.accepted_lengths.append(result.num_accepted + 1)
         stats.draft_depths.append(tree.max_depth)
         stats.tree_sizes.append(tree.size)
+        budget = getattr(self.drafter, "tree_budget", None)  # drafters that size trees to the hardware report it
+        if budget is not None:
+            stats.tree_budgets.append(int(budget))
 
         done = self._emit(state, stops, result.tokens, streamer)
         if tree is not proposed:  # report node indices of the tree the drafter proposed
             result = VerificationResult(index_in_proposed[result.accepted_nodes], result.tokens, result.bonus)
-        outcome = StepOutcome(proposed, result, out.logits, state.sequence[0, -result.tokens.numel():])
+        outcome = StepOutcome(proposed, result, out.logits, state.sequence[0, -result.tokens.numel():],
+                              out.hidden_states)
         t2 = time.perf_counter()
         self.drafter.observe(state, outcome)
         stats.draft_time += time.perf_counter() - t2

@@ -49,3 +49,5 @@ class StepOutcome:
     result: VerificationResult
     target_logits: torch.Tensor  # [n+1, V] raw target logits over [root, node_0, ...] (before any processor)
     emitted: torch.Tensor  # LongTensor [e]: tokens appended to the sequence (result.tokens cut by stopping rules)
+    hidden_states: tuple[torch.Tensor, ...] | None = None  # drafters with needs_target_hidden_states: the target's
+    #   per-layer states over [root, node_0, ...] (embeddings first, each [n+1, d]) from the verification forward

@@ -19,6 +19,12 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--drafter", action="append", help="preset drafter entry or registered drafter (repeatable)")
     p.add_argument("--verifier", help="acceptance rule (default greedy)")
     p.add_argument("--max-new-tokens", type=int, dest="max_new_tokens")
+    p.add_argument("--do-sample", action="store_const", const=True, dest="do_sample",
+                   help="sample (the verifier defaults to 'rejection') instead of greedy decoding")
+    p.add_argument("--temperature", type=float)
+    p.add_argument("--top-k", type=int, dest="top_k")
+    p.add_argument("--top-p", type=float, dest="top_p")
+    p.add_argument("--seed", type=int, help="random seed of a sampling run (bench: seed + prompt index)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -36,13 +42,8 @@ def build_parser() -> argparse.ArgumentParser:
     _common(gen)
     gen.add_argument("prompt", help="the prompt (a chat message when the tokenizer has a chat template)")
     gen.add_argument("--raw", action="store_true", help="do not apply the chat template")
-    gen.add_argument("--do-sample", action="store_true")
-    gen.add_argument("--temperature", type=float, default=1.0)
-    gen.add_argument("--top-k", type=int)
-    gen.add_argument("--top-p", type=float)
     gen.add_argument("--min-p", type=float)
     gen.add_argument("--repetition-penalty", type=float, default=1.0)
-    gen.add_argument("--seed", type=int, default=0)
     return parser
 
 
@@ -57,6 +58,9 @@ def settings(args: argparse.Namespace) -> dict:
         cfg[key] = value
     cfg.setdefault("dtype", "bfloat16")
     cfg.setdefault("max_new_tokens", 128)
+    cfg.setdefault("do_sample", False)
+    cfg.setdefault("temperature", 1.0)
+    cfg.setdefault("seed", 0)
     cfg["drafter_entries"] = select_drafters(cfg.get("drafters") or {}, args.drafter)
     return cfg
 
@@ -105,7 +109,7 @@ def cmd_bench(cfg: dict, progress: bool) -> int:
     import torch
 
     from specdec.bench import prompts as P
-    from specdec.bench.methods import build_method
+    from specdec.bench.methods import build_method, sampling_of
     from specdec.bench.report import format_table, write_outputs
     from specdec.bench.run import run_benchmark, summarize
 
@@ -123,16 +127,20 @@ def cmd_bench(cfg: dict, progress: bool) -> int:
     if draft is None:
         baselines = [b for b in baselines if b != "hf-assisted"]
     specs = [{"name": b, "baseline": b} for b in baselines] + cfg["drafter_entries"]
+    sampling = sampling_of(cfg)
     for s in cfg["drafter_entries"]:
-        s.setdefault("verifier", cfg.get("verifier", "greedy"))
-    methods = [build_method(s, target, draft) for s in specs]
+        s.setdefault("verifier", cfg.get("verifier") or ("rejection" if sampling.do_sample else "greedy"))
+    methods = [build_method(s, target, draft, sampling) for s in specs]
     eos = target.generation_config.eos_token_id
     encode = lambda p: P.encode(tokenizer, p, chat=cfg.get("chat", True))  # noqa: E731
     results = run_benchmark(methods, selected, encode, cfg["max_new_tokens"], eos, target=target,
-                            warmup_prompt=selected[0], progress=progress)
-    summary = summarize(results, assisted="hf-assisted" if "hf-assisted" in baselines else None)
+                            warmup_prompt=selected[0], progress=progress, sampled=sampling.do_sample,
+                            seed=int(cfg["seed"]))
+    summary = summarize(results, assisted="hf-assisted" if "hf-assisted" in baselines else None,
+                        sampled=sampling.do_sample)
     print(format_table(summary))
-    setup = {k: cfg.get(k) for k in ("target", "draft", "dtype", "threads", "max_new_tokens", "verifier")}
+    setup = {k: cfg.get(k) for k in ("target", "draft", "dtype", "threads", "max_new_tokens", "verifier",
+                                     "do_sample", "temperature", "top_k", "top_p", "seed")}
     setup.update(prompts=len(selected), categories=sorted({p.main_category for p in selected}))
     out_dir = cfg.get("output") or "results/latest"
     for kind, path in write_outputs(out_dir, setup, summary, results).items():
@@ -152,17 +160,18 @@ def cmd_generate(cfg: dict, args: argparse.Namespace) -> int:
         torch.set_num_threads(int(cfg["threads"]))
     target, draft, tokenizer = load_models(cfg)
     entry = cfg["drafter_entries"][0] if cfg["drafter_entries"] else {"name": "prompt-lookup"}
-    entry.setdefault("verifier", cfg.get("verifier", "greedy"))
+    entry.setdefault("verifier", cfg.get("verifier") or ("rejection" if cfg["do_sample"] else "greedy"))
     method = build_method(entry, target, draft)
     engine: SpecEngine = method.engine
     ids = encode(tokenizer, Prompt("cli", "cli", args.prompt), chat=not args.raw)
     streamer = TextStreamer(tokenizer, skip_prompt=False, skip_special_tokens=True)
-    gen = torch.Generator().manual_seed(args.seed)
+    gen = torch.Generator().manual_seed(int(cfg["seed"]))
     t0 = time.perf_counter()
     result = engine.generate(ids, max_new_tokens=cfg["max_new_tokens"],
                              eos_token_id=target.generation_config.eos_token_id, streamer=streamer,
-                             do_sample=args.do_sample, temperature=args.temperature, top_k=args.top_k,
-                             top_p=args.top_p, min_p=args.min_p, repetition_penalty=args.repetition_penalty,
+                             do_sample=bool(cfg["do_sample"]), temperature=float(cfg["temperature"]),
+                             top_k=cfg.get("top_k"), top_p=cfg.get("top_p"), min_p=args.min_p,
+                             repetition_penalty=args.repetition_penalty,
                              generator=gen)
     seconds = time.perf_counter() - t0
     s = result.stats

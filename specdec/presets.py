@@ -11,7 +11,7 @@ from specdec.errors import InvalidInputError, UnknownNameError
 CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
 DEFAULT_PRESET = "qwen-coder-pair"
 KEYS = {"target", "draft", "dtype", "threads", "max_new_tokens", "limit", "categories", "verifier", "baselines",
-        "drafters", "prompts", "output", "chat"}
+        "drafters", "prompts", "output", "chat", "do_sample", "temperature", "top_k", "top_p", "seed"}
 
 
 def available_presets() -> list[str]:

@@ -9,7 +9,7 @@ import torch
 
 from specdec import SpecEngine
 from specdec.bench import prompts as P
-from specdec.bench.methods import HFGenerate, SpecDecMethod
+from specdec.bench.methods import HFGenerate, Sampling, SpecDecMethod
 from specdec.bench.report import format_table, write_outputs
 from specdec.bench.run import run_benchmark, summarize
 from specdec.cli import main, select_drafters
@@ -93,3 +93,26 @@ def test_benchmark_pipeline_on_tiny_models(tmp_path):
     for key in ("acceptance_png", "accepted_lengths_png", "speedup_png"):
         assert paths[key].stat().st_size > 1000
     assert "| self-draft |" in paths["markdown"].read_text()
+
+
+def test_sampling_benchmark_is_seeded_and_skips_exactness(tmp_path):
+    target = tiny_model("llama")
+    sampling = Sampling(do_sample=True, temperature=0.7)
+    drafter = create_drafter("draft-model", target=target, model=tiny_model("llama", seed=1), mode="chain", depth=3)
+    methods = [HFGenerate("plain", target, sampling=sampling),
+               SpecDecMethod("rejection-chain", SpecEngine(target, drafter, "rejection"), sampling)]
+    prompts = [P.Prompt(str(i), "qa", "x") for i in range(2)]
+    encode = lambda p: torch.randint(3, VOCAB, (1, 8), generator=torch.Generator().manual_seed(int(p.id)))  # noqa
+    runs = [run_benchmark(methods, prompts, encode, 10, None, target=target, progress=False, sampled=True, seed=5)
+            for _ in range(2)]
+    for name in ("plain", "rejection-chain"):  # the same seed gives the same samples, method by method
+        for a, b in zip(*runs):
+            assert torch.equal(a.runs[name].new_tokens, b.runs[name].new_tokens)
+    # different prompts get different seeds: the two prompts of one run are not sampled alike
+    seeds_differ = run_benchmark(methods[:1], [prompts[0], prompts[0]], encode, 10, None, progress=False,
+                                 sampled=True)
+    assert not torch.equal(seeds_differ[0].runs["plain"].new_tokens, seeds_differ[1].runs["plain"].new_tokens)
+    summary = summarize(runs[0], assisted=None, sampled=True)
+    assert summary["rejection-chain"]["identical"] is None and not runs[0][0].divergence
+    assert "n/a (sampled)" in format_table(summary)
+    assert json.loads(write_outputs(tmp_path, {}, summary, runs[0])["json"].read_text())["records"][0]["identical"] is None

@@ -25,7 +25,8 @@ class Method(ABC):
     kind: str  # "baseline" or "specdec"
 
     @abstractmethod
-    def generate(self, input_ids: torch.Tensor, max_new_tokens: int, eos_token_id) -> RunRecord: ...
+    def generate(self, input_ids: torch.Tensor, max_new_tokens: int, eos_token_id, seed: int = 0) -> RunRecord:
+        """One generation; ``seed`` fixes the random numbers when the method samples."""
 
     @staticmethod
     def _timed(fn):
@@ -34,20 +35,48 @@ class Method(ABC):
         return out, time.perf_counter() - t0
 
 
+@dataclass(frozen=True)
+class Sampling:
+    """How every method of a benchmark decodes: greedy, or sampling with the same warpers for all."""
+
+    do_sample: bool = False
+    temperature: float = 1.0
+    top_k: int | None = None  # None/0: off (passed to HF as 0, so its generation-config default of 50 is not used)
+    top_p: float | None = None  # None: off
+
+    def hf_kwargs(self) -> dict:
+        if not self.do_sample:
+            return {"do_sample": False}
+        return {"do_sample": True, "temperature": self.temperature, "top_k": self.top_k or 0,
+                "top_p": 1.0 if self.top_p is None else self.top_p}
+
+    def engine_kwargs(self) -> dict:
+        if not self.do_sample:
+            return {"do_sample": False}
+        return {"do_sample": True, "temperature": self.temperature, "top_k": self.top_k or None, "top_p": self.top_p}
+
+
 @dataclass
 class HFGenerate(Method):
-    """``target.generate`` greedy, optionally with an assistant model or prompt lookup (HF's own speculation)."""
+    """``target.generate``, optionally with an assistant model or prompt lookup (HF's own speculation).
+
+    HF draws from the global RNG, so a sampling run seeds it with ``seed`` first (the benchmark is an application;
+    the library itself never touches the global RNG).
+    """
 
     name: str
     target: torch.nn.Module
     options: dict = field(default_factory=dict)
+    sampling: Sampling = Sampling()
     kind: str = "baseline"
 
-    def generate(self, input_ids, max_new_tokens, eos_token_id) -> RunRecord:
+    def generate(self, input_ids, max_new_tokens, eos_token_id, seed: int = 0) -> RunRecord:
         mask = torch.ones_like(input_ids)
+        if self.sampling.do_sample:
+            torch.manual_seed(seed)
         out, seconds = self._timed(lambda: self.target.generate(
-            input_ids, attention_mask=mask, max_new_tokens=max_new_tokens, do_sample=False,
-            eos_token_id=eos_token_id, pad_token_id=_first(eos_token_id), **self.options))
+            input_ids, attention_mask=mask, max_new_tokens=max_new_tokens, eos_token_id=eos_token_id,
+            pad_token_id=_first(eos_token_id), **self.sampling.hf_kwargs(), **self.options))
         return RunRecord(out[0, input_ids.shape[1]:], seconds)
 
 
@@ -55,27 +84,38 @@ class HFGenerate(Method):
 class SpecDecMethod(Method):
     name: str
     engine: SpecEngine
+    sampling: Sampling = Sampling()
     kind: str = "specdec"
 
-    def generate(self, input_ids, max_new_tokens, eos_token_id) -> RunRecord:
+    def generate(self, input_ids, max_new_tokens, eos_token_id, seed: int = 0) -> RunRecord:
+        generator = None
+        if self.sampling.do_sample:
+            generator = torch.Generator(device=self.engine.runner.device).manual_seed(seed)
         result, seconds = self._timed(lambda: self.engine.generate(
-            input_ids, max_new_tokens=max_new_tokens, eos_token_id=eos_token_id))
+            input_ids, max_new_tokens=max_new_tokens, eos_token_id=eos_token_id, generator=generator,
+            **self.sampling.engine_kwargs()))
         return RunRecord(result.sequences[0, input_ids.shape[1]:], seconds, result.stats.as_dict())
 
 
-def build_method(spec: dict, target, draft=None) -> Method:
+def sampling_of(cfg: dict) -> Sampling:
+    """The benchmark's decoding mode from preset/flag settings."""
+    return Sampling(bool(cfg.get("do_sample")), float(cfg.get("temperature") or 1.0), cfg.get("top_k"),
+                    cfg.get("top_p"))
+
+
+def build_method(spec: dict, target, draft=None, sampling: Sampling = Sampling()) -> Method:
     """One method from a preset entry: ``{name, drafter | baseline, options, verifier}``."""
     name = spec["name"]
     options = dict(spec.get("options") or {})
     baseline = spec.get("baseline")
     if baseline == "plain":
-        return HFGenerate(name, target)
+        return HFGenerate(name, target, sampling=sampling)
     if baseline == "hf-assisted":
         if draft is None:
             raise InvalidInputError("the hf-assisted baseline needs a draft model (preset key 'draft')")
-        return HFGenerate(name, target, {"assistant_model": draft, **options})
+        return HFGenerate(name, target, {"assistant_model": draft, **options}, sampling)
     if baseline == "hf-prompt-lookup":
-        return HFGenerate(name, target, {"prompt_lookup_num_tokens": options.get("num_tokens", 10)})
+        return HFGenerate(name, target, {"prompt_lookup_num_tokens": options.get("num_tokens", 10)}, sampling)
     if baseline is not None:
         raise UnknownNameError(f"unknown baseline {baseline!r}; valid: plain, hf-assisted, hf-prompt-lookup")
     drafter_name = spec.get("drafter", name)
@@ -84,7 +124,8 @@ def build_method(spec: dict, target, draft=None) -> Method:
             raise InvalidInputError(f"method {name!r} needs a draft model (preset key 'draft')")
         options["model"] = draft
     drafter = create_drafter(drafter_name, target=target, **options)
-    return SpecDecMethod(name, SpecEngine(target, drafter, spec.get("verifier", "greedy")))
+    verifier = spec.get("verifier") or ("rejection" if sampling.do_sample else "greedy")
+    return SpecDecMethod(name, SpecEngine(target, drafter, verifier), sampling)
 
 
 def _first(eos):

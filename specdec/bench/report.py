@@ -8,7 +8,8 @@ from pathlib import Path
 
 from specdec.bench.run import PromptResult
 
-COLUMNS = ("method", "tok/s", "speedup", "vs HF assisted", "tau", "identical", "near-ties", "draft s", "verify s")
+COLUMNS = ("method", "tok/s", "speedup", "vs HF assisted", "tau", "identical", "near-ties", "budget", "draft ms/step",
+           "draft s", "verify s")
 
 
 def table_rows(summary: dict) -> list[list[str]]:
@@ -20,8 +21,10 @@ def table_rows(summary: dict) -> list[list[str]]:
             f"{e['speedup']:.2f}x",
             f"{e['speedup_vs_hf-assisted']:.2f}x" if "speedup_vs_hf-assisted" in e else "-",
             f"{e['tau']:.2f}" if "tau" in e else "-",
-            f"{e['identical']}/{e['prompts']}",
-            str(e["near_ties"]) if e["identical"] < e["prompts"] else "-",
+            "n/a (sampled)" if e["identical"] is None else f"{e['identical']}/{e['prompts']}",
+            str(e["near_ties"]) if e["identical"] is not None and e["identical"] < e["prompts"] else "-",
+            f"{e['median_tree_budget']:g}" if "median_tree_budget" in e else "-",
+            f"{e['draft_ms_per_step']:.1f}" if "draft_ms_per_step" in e else "-",
             f"{e['draft_time']:.1f}" if "draft_time" in e else "-",
             f"{e['verify_time']:.1f}" if "verify_time" in e else "-",
         ])
@@ -47,7 +50,8 @@ def raw_records(results: list[PromptResult]) -> list[dict]:
                 "prompt_id": r.prompt.id, "category": r.prompt.category, "main_category": r.prompt.main_category,
                 "prompt_tokens": r.prompt_tokens, "method": name, "new_tokens": run.new_tokens.numel(),
                 "seconds": run.seconds, "tokens_per_s": run.new_tokens.numel() / run.seconds,
-                "identical": name not in r.divergence, "divergence": r.divergence.get(name),
+                "identical": name not in r.divergence if r.compared else None,
+                "divergence": r.divergence.get(name),
                 "stats": run.stats,
             })
     return out

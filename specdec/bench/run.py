@@ -28,12 +28,17 @@ class PromptResult:
     prompt_tokens: int
     runs: dict[str, RunRecord] = field(default_factory=dict)
     divergence: dict[str, dict] = field(default_factory=dict)  # method -> first-difference analysis
+    compared: bool = False  # outputs were compared with the reference (greedy runs)
 
 
 def run_benchmark(methods: list[Method], prompts: list[Prompt], encode, max_new_tokens: int, eos_token_id,
                   reference: str = "plain", target=None, warmup_prompt: Prompt | None = None,
-                  progress: bool = True) -> list[PromptResult]:
-    """``encode(prompt) -> input_ids [1, L]``; ``reference`` names the plain-greedy method."""
+                  progress: bool = True, sampled: bool = False, seed: int = 0) -> list[PromptResult]:
+    """``encode(prompt) -> input_ids [1, L]``; ``reference`` names the plain-greedy method.
+
+    ``sampled``: the methods sample (all with seed ``seed + prompt index``); outputs are then not compared with the
+    reference, since equal distributions do not mean equal samples.
+    """
     if warmup_prompt is not None:
         ids = encode(warmup_prompt)[:, :64]
         for m in methods:
@@ -46,9 +51,10 @@ def run_benchmark(methods: list[Method], prompts: list[Prompt], encode, max_new_
         order = methods[i % len(methods):] + methods[: i % len(methods)]
         for m in order:
             bar.set_postfix_str(f"{prompt.category}:{m.name}")
-            res.runs[m.name] = m.generate(ids, max_new_tokens, eos_token_id)
+            res.runs[m.name] = m.generate(ids, max_new_tokens, eos_token_id, seed=seed + i)
             bar.update(1)
-        if reference in res.runs and target is not None:
+        if reference in res.runs and target is not None and not sampled:
+            res.compared = True
             ref = res.runs[reference].new_tokens
             for name, run in res.runs.items():
                 if name != reference and not torch.equal(run.new_tokens, ref):
@@ -76,8 +82,12 @@ def first_difference(target, input_ids: torch.Tensor, ref: torch.Tensor, other: 
             "near_tie": other_tok in top.indices.tolist() and abs(gap) <= NEAR_TIE_GAP}
 
 
-def summarize(results: list[PromptResult], reference: str = "plain", assisted: str | None = "hf-assisted") -> dict:
-    """Per method: median tokens/s, median per-prompt speedups, pooled tau, exactness, depth acceptance, time split."""
+def summarize(results: list[PromptResult], reference: str = "plain", assisted: str | None = "hf-assisted",
+              sampled: bool = False) -> dict:
+    """Per method: median tokens/s, median per-prompt speedups, pooled tau, exactness, depth acceptance, time split.
+
+    ``sampled``: exactness is not defined (``identical`` and ``near_ties`` are None).
+    """
     names = list(results[0].runs) if results else []
     summary = {}
     for name in names:
@@ -86,7 +96,7 @@ def summarize(results: list[PromptResult], reference: str = "plain", assisted: s
         entry = {
             "tokens_per_s": statistics.median(tps),
             "speedup": statistics.median(_tps(r.runs[name]) / _tps(r.runs[reference]) for r in rows),
-            "identical": sum(1 for r in rows if name not in r.divergence),
+            "identical": None if sampled else sum(1 for r in rows if name not in r.divergence),
             "prompts": len(rows),
             "new_tokens": sum(r.runs[name].new_tokens.numel() for r in rows),
         }
@@ -103,8 +113,12 @@ def summarize(results: list[PromptResult], reference: str = "plain", assisted: s
             for key in ("draft_time", "verify_time", "prefill_time"):
                 entry[key] = sum(s[key] for s in stats)
             entry["mean_tree_size"] = statistics.mean(t for s in stats for t in s["tree_sizes"]) if lengths else 0
+            budgets = [b for s in stats for b in s.get("tree_budgets", [])]
+            if budgets:
+                entry["median_tree_budget"] = statistics.median(budgets)
+            entry["draft_ms_per_step"] = 1000 * entry["draft_time"] / max(1, len(lengths))
             entry["lossless"] = all(s["lossless"] for s in stats)
-        entry["near_ties"] = sum(1 for r in rows if r.divergence.get(name, {}).get("near_tie"))
+        entry["near_ties"] = None if sampled else sum(1 for r in rows if r.divergence.get(name, {}).get("near_tie"))
         entry["by_category"] = _by_category(rows, name, reference)
         summary[name] = entry
     return summary

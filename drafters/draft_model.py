@@ -24,6 +24,11 @@ cumulative log-probability until ``budget`` nodes are taken; ``min_prob`` does n
 token is accepted with probability about 1 - TV(p, q) whatever its own q). Only sampled trees carry
 ``draft_probs``.
 
+``budget="auto"`` sizes the tree to this machine (``specdec.budget``, Sequoia-style, arXiv 2402.12374): node
+values are the draft's path probabilities scaled by a running calibration (accepted tokens per step over the value
+the tree predicted), and the node count maximises expected tokens per second under the target's measured forward
+costs, drafting time included; ``max_budget`` caps it.
+
 The draft model keeps its own KV cache in step with the sequence: after verification the accepted nodes it has
 already processed stay in its cache (moved into contiguous slots), everything else is dropped, and the next
 proposal feeds only what the cache lacks.
@@ -32,12 +37,14 @@ proposal feeds only what the cache lacks.
 from __future__ import annotations
 
 import copy
+import time
 import warnings
 import weakref
 from dataclasses import dataclass
 
 import torch
 
+from specdec.budget import choose_budget, forward_costs
 from specdec.drafters import register_drafter
 from specdec.drafters.base import Drafter
 from specdec.errors import IncompatibleModelsError, InvalidInputError
@@ -56,7 +63,8 @@ class DraftModelConfig:
     depth: int = 6  # levels of the tree / tokens of the chain
     topk: int = 4  # children per expanded node (tree)
     width: int = 4  # nodes expanded per level (tree)
-    budget: int = 12  # nodes kept in the final tree
+    budget: "int | str" = 12  # nodes kept in the final tree, or "auto": sized to the target's forward costs
+    max_budget: int = 32  # cap of an "auto" budget
     min_prob: float = 0.2  # stop expanding once the best frontier path probability falls below this: one more
     #                         int8 draft forward (~35 ms) must buy more than it costs (tuned on the Qwen pair, bf16)
     quantize: str | None = "auto"  # "int8": dynamic int8 Linear layers (CPU only); "auto": int8 when on CPU
@@ -66,7 +74,9 @@ class DraftModelConfig:
     def __post_init__(self) -> None:
         if self.mode not in ("chain", "tree"):
             raise InvalidInputError(f"draft-model mode must be 'chain' or 'tree', got {self.mode!r}")
-        for field in ("depth", "topk", "width", "budget"):
+        if isinstance(self.budget, str) and self.budget != "auto":
+            raise InvalidInputError(f"draft-model budget must be an int >= 1 or 'auto', got {self.budget!r}")
+        for field in ("depth", "topk", "width", "max_budget") + (() if self.budget == "auto" else ("budget",)):
             if getattr(self, field) < 1:
                 raise InvalidInputError(f"draft-model {field} must be >= 1, got {getattr(self, field)}")
         if self.sample_tree not in SAMPLE_TREES:
@@ -80,7 +90,7 @@ class DraftModelConfig:
         """(topk, width, budget) actually used: a chain is topk = width = 1 with budget = depth."""
         if self.mode == "chain":
             return 1, 1, self.depth
-        return self.topk, self.width, self.budget
+        return self.topk, self.width, self.max_budget if self.budget == "auto" else self.budget
 
 
 _PREPARED: "weakref.WeakKeyDictionary[torch.nn.Module, dict]" = weakref.WeakKeyDictionary()
@@ -152,6 +162,9 @@ class DraftModelDrafter(Drafter):
         self._fed_slots = torch.zeros(0, dtype=torch.long)  # cache slot (relative to tree_base) of each pool node
         self._tree_base = 0
         self._chosen = torch.zeros(0, dtype=torch.long)  # pool index of each node of the proposed tree
+        self._costs = None  # the target's measured forward costs (budget="auto"), measured on first use
+        self._calibration = 1.0  # running (accepted tokens) / (predicted tokens) of the draft's path probabilities
+        self._predicted = 0.0  # value the last auto-sized tree predicted (sum of its node values)
 
     # ------------------------------------------------------------------ engine hooks
     def begin(self, state: DecodeState) -> None:
@@ -163,10 +176,11 @@ class DraftModelDrafter(Drafter):
         depth = min(self.config.depth, state.remaining - 1)
         if depth < 1:
             return DraftTree.empty(state.sequence.device)
+        t_start = time.perf_counter()
         root_logits = self._sync(state.sequence[0].cpu())
         self._tree_base = self.runner.length  # the root sits at slot tree_base - 1
         if state.sampling.do_sample and self.config.sample_tree != "topk":
-            return self._propose_sampled(state, root_logits, depth)
+            return self._propose_sampled(state, root_logits, depth, t_start)
         dev = self.runner.device
 
         # Pool of candidate nodes, in creation order (parents before children).
@@ -189,11 +203,13 @@ class DraftModelDrafter(Drafter):
             level = torch.arange(n_pool, tokens.numel(), device=dev)
 
         # Keep the best `budget` nodes; a stable sort puts a parent before an equally scored child.
-        order = torch.sort(scores, descending=True, stable=True).indices[:budget]
-        chosen = order.sort().values  # creation order is topological
+        order = torch.sort(scores, descending=True, stable=True).indices
+        budget = self._auto_budget(scores[order], budget, t_start)
+        chosen = order[:budget].sort().values  # creation order is topological
         return self._finish(state, fed, tokens, parents, chosen)
 
-    def _propose_sampled(self, state: DecodeState, root_logits: torch.Tensor, depth: int) -> DraftTree:
+    def _propose_sampled(self, state: DecodeState, root_logits: torch.Tensor, depth: int,
+                         t_start: float) -> DraftTree:
         """Children drawn from q (module docstring): the pool grows level by level as in the greedy tree (the
         ``width`` best-scored nodes of a level are expanded), then whole sibling groups are kept in the order of
         their parent's score."""
@@ -243,12 +259,31 @@ class DraftModelDrafter(Drafter):
         # A parent's group sorts before its children's (a child never scores above its parent; the stable sort
         # keeps creation order on ties); groups are taken whole until the budget, the last one cut by draw rank.
         order = torch.sort(torch.cat(group_score), descending=True, stable=True).indices
+        if self.config.budget == "auto" and self.config.mode == "tree":  # node values in group order
+            group_rank = torch.empty_like(order)
+            group_rank[order] = torch.arange(order.numel(), device=dev)
+            node_order = torch.argsort(group_rank[group] * (topk + 1) + rank)  # the order nodes are taken in
+            budget = self._auto_budget(scores[node_order], budget, t_start)
         sizes = torch.tensor(group_size, device=dev)[order]
         start = torch.empty_like(sizes)
         start[order] = torch.cumsum(sizes, 0) - sizes  # nodes taken before each group
         chosen = torch.nonzero(rank < budget - start[group]).flatten()  # creation order: siblings in draw order
         q = torch.cat(q_rows)[q_row[chosen]]  # [n, V] q at each node's parent
         return self._finish(state, fed, tokens, parents, chosen, q, kind)
+
+    def _auto_budget(self, ordered_scores: torch.Tensor, budget: int, t_start: float) -> int:
+        """``budget`` unless it is "auto": then the node count (<= max_budget) that maximises expected tokens per
+        second, from node values exp(score) * calibration in the given (ancestor-closed, best-first) order."""
+        if self.config.budget != "auto" or self.config.mode == "chain":
+            self.tree_budget = None
+            return budget
+        if self._costs is None:
+            self._costs = forward_costs(self.target_model)
+        values = (ordered_scores.float().exp() * self._calibration).clamp(max=1.0)
+        k = choose_budget(values, self._costs, time.perf_counter() - t_start, budget)
+        self._predicted = float(values[:k].sum())
+        self.tree_budget = k
+        return k
 
     def _feed(self, fed: "_Fed", tokens: torch.Tensor, parents: torch.Tensor, expand: torch.Tensor, d: int,
               track_paths: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -304,6 +339,9 @@ class DraftModelDrafter(Drafter):
         """Keep the accepted nodes the draft model already processed; the next _sync feeds the rest."""
         if outcome.tree.size == 0 or self.runner.length == 0:
             return
+        if self.tree_budget is not None and self._predicted > 0:  # decay 0.9: about the last ten steps
+            ratio = outcome.result.num_accepted / self._predicted
+            self._calibration = min(4.0, max(0.05, 0.9 * self._calibration + 0.1 * ratio * self._calibration))
         accepted_pool = self._chosen[outcome.result.accepted_nodes.to(self._chosen.device)]
         slots = self._fed_slots[accepted_pool]
         in_sequence = min(int((slots >= 0).sum()), outcome.emitted.numel())  # fed nodes form a prefix of the path

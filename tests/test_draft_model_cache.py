@@ -120,3 +120,27 @@ def test_engine_follows_every_propose_with_observe(max_new_tokens, steps):
     result = SpecEngine(target, drafter).generate(tiny_prompt(), max_new_tokens=max_new_tokens)
     assert result.stats.target_forwards == steps
     assert drafter.calls == ["begin"] + ["propose", "observe"] * steps
+
+
+@pytest.mark.parametrize("do_sample", [False, True])
+def test_auto_budget_sizes_trees_to_the_forward_costs(do_sample, monkeypatch):
+    """budget="auto": flat forward costs take every candidate node, steep ones prune to a few; the engine records
+    the chosen budget per step."""
+    import specdec.drafters.draft_model as draft_model_module
+    from specdec.budget import ForwardCosts
+
+    target = tiny_model("llama")
+    kwargs = dict(do_sample=True, generator=torch.Generator().manual_seed(0)) if do_sample else {}
+    verifier = "rejection" if do_sample else "greedy"
+    sizes = {}
+    for name, costs in (("flat", {1: 1.0, 64: 1.0}), ("steep", {1: 1.0, 2: 1.5, 64: 64.0})):
+        monkeypatch.setattr(draft_model_module, "forward_costs", lambda model, c=costs: ForwardCosts.from_mapping(c))
+        drafter = create_drafter("draft-model", target=target, model=tiny_model("llama", seed=1), mode="tree",
+                                 budget="auto", max_budget=20, min_prob=0.0)
+        result = SpecEngine(target, drafter, verifier).generate(tiny_prompt(), max_new_tokens=20, **kwargs)
+        assert len(result.stats.tree_budgets) == result.stats.target_forwards
+        assert all(0 <= b <= 20 for b in result.stats.tree_budgets)
+        assert [min(s, b) for s, b in zip(result.stats.tree_sizes, result.stats.tree_budgets)] == \
+            result.stats.tree_sizes
+        sizes[name] = sum(result.stats.tree_sizes) / len(result.stats.tree_sizes)
+    assert sizes["steep"] < sizes["flat"] and sizes["steep"] <= 2

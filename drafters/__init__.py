@@ -33,5 +33,8 @@ def create_drafter(name: str, target, **options) -> Drafter:
 
 # Importing the modules registers their drafters.
 from specdec.drafters import draft_model, prompt_lookup  # noqa: E402,F401
+from specdec.drafters import token_recycling  # noqa: E402,F401
+from specdec.drafters import aded  # noqa: E402,F401
+from specdec.drafters import del_exit, swift  # noqa: E402,F401
 
 __all__ = ["Drafter", "available_drafters", "create_drafter", "drafter_class", "register_drafter"]

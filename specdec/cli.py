@@ -1,4 +1,5 @@
-"""``specdec bench`` and ``specdec generate``: the command line over presets in ``configs/``."""
+"""``specdec bench`` and ``specdec generate``: the command line over presets in ``configs/``; ``specdec trigrams``
+builds the table of the 'aded' drafter."""
 
 from __future__ import annotations
 
@@ -44,6 +45,12 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--raw", action="store_true", help="do not apply the chat template")
     gen.add_argument("--min-p", type=float)
     gen.add_argument("--repetition-penalty", type=float, default=1.0)
+    tri = sub.add_parser("trigrams", help="count a tri-gram table for the 'aded' drafter from text files")
+    tri.add_argument("corpus", nargs="+", help="text files, tokenised with the target's tokenizer")
+    tri.add_argument("--tokenizer", required=True, help="target model name (specdec.models) or local HF folder")
+    tri.add_argument("--output", required=True, help="the table file to write (.npz)")
+    tri.add_argument("--top", type=int, default=12, help="successors kept per bigram context (default 12)")
+    tri.add_argument("--no-progress", action="store_true")
     return parser
 
 
@@ -182,9 +189,28 @@ def cmd_generate(cfg: dict, args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_trigrams(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from transformers import AutoTokenizer
+
+    from specdec import models
+    from specdec.drafters.trigram_table import build_from_files
+
+    folder = args.tokenizer if Path(args.tokenizer).is_dir() else str(models.local_path(args.tokenizer))
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    table = build_from_files(args.corpus, tokenizer, top=args.top, progress=not args.no_progress)
+    path = table.save(args.output)
+    print(f"{path}: {table.num_contexts} bigram contexts, {table.num_entries} successors "
+          f"(vocabulary {table.vocab_size})", file=sys.stderr)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
+        if args.command == "trigrams":
+            return cmd_trigrams(args)
         cfg = settings(args)
         if args.command == "bench":
             return cmd_bench(cfg, progress=not args.no_progress)

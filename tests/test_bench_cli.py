@@ -116,3 +116,18 @@ def test_sampling_benchmark_is_seeded_and_skips_exactness(tmp_path):
     assert summary["rejection-chain"]["identical"] is None and not runs[0][0].divergence
     assert "n/a (sampled)" in format_table(summary)
     assert json.loads(write_outputs(tmp_path, {}, summary, runs[0])["json"].read_text())["records"][0]["identical"] is None
+
+
+def test_pooled_speedup_divides_all_tokens_by_all_seconds():
+    from specdec.bench.methods import RunRecord
+    from specdec.bench.run import PromptResult
+
+    def run(tokens, seconds):
+        return RunRecord(torch.zeros(tokens, dtype=torch.long), seconds)
+
+    rows = [PromptResult(P.Prompt("0", "qa", "x"), 4, {"plain": run(10, 10.0), "fast": run(100, 20.0)}),
+            PromptResult(P.Prompt("1", "qa", "x"), 4, {"plain": run(100, 20.0), "fast": run(10, 10.0)})]
+    summary = summarize(rows, assisted=None, sampled=True)
+    assert summary["fast"]["pooled_tokens_per_s"] == pytest.approx(110 / 30)
+    assert summary["fast"]["pooled_speedup"] == pytest.approx(1.0)
+    assert summary["fast"]["speedup"] == pytest.approx((5.0 + 0.2) / 2)  # the median of two per-prompt ratios

@@ -18,6 +18,7 @@ from regimes import REGIMES, RegimeDrafter
 from specdec import SpecEngine
 from specdec.drafters import available_drafters, create_drafter
 from specdec.drafters.base import Drafter
+from specdec.drafters.trigram_table import TrigramTable
 from specdec.tree import DraftTree
 from tiny_models import ARCHS, VOCAB, greedy_reference, tiny_model, tiny_prompt
 
@@ -41,6 +42,32 @@ DRAFTER_FACTORIES: dict[str, dict[str, Factory]] = {
     "prompt-lookup": {
         "chain": lambda target, arch: {},
         "tree": lambda target, arch: dict(num_candidates=3),
+    },
+    # hand-made costs (size -> seconds; a forward over 16 tokens costs 1.5x one): the auto budget prunes the template
+    "token-recycling": {
+        "template": lambda target, arch: dict(costs={1: 1.0, 16: 1.5, 64: 4.0}),
+        "fixed-budget": lambda target, arch: dict(budget=20),
+    },
+    # an empty table drafts from the context alone; a table counted on greedy continuations of this prompt and
+    # another drafts what the target says (branching trees, long accepted paths), sized by hand-made costs
+    "aded": {
+        "context-only": lambda target, arch: {},
+        "table": lambda target, arch: dict(table=TrigramTable.from_sequences(
+            [greedy_reference(target, tiny_prompt(seed=s), 40)[0].tolist() for s in (0, 1)]), budget="auto",
+            costs={1: 1.0, 16: 1.5, 64: 4.0}),
+    },
+    # the tiny targets have 2-3 layers, so skip_ratio 0.5 gives Gemma's 3 layers one skipped sub-layer to search
+    # over (2 skippable); a short window lets the search run within 28 tokens; stop_threshold 0: the random
+    # models' flat distributions would stop every draft at depth 1. "fixed-layers" skips any layers given.
+    "swift": {
+        "default": lambda target, arch: dict(skip_ratio=0.5, window=8, stop_threshold=0.0),
+        "fixed-layers": lambda target, arch: dict(skip_attention=(1,), skip_mlp=(0,), stop_threshold=0.0),
+    },
+    # "default" rarely drafts on the tiny models (TPL prefers no draft for a 1-of-2-layer exit); "eager" drafts at
+    # least 3 tokens per round
+    "del": {
+        "default": lambda target, arch: {},
+        "eager": lambda target, arch: dict(min_draft=3, stop_threshold=0.0),
     },
 }
 # Variants whose natural drafts are the target's greedy tokens: every step accepts its whole draft.

@@ -19,8 +19,8 @@ def _common(vocab_size: int, **extra):
 
 
 CONFIGS = {
-    "llama": lambda vocab: LlamaConfig(num_hidden_layers=2, **_common(vocab)),
-    "qwen2": lambda vocab: Qwen2Config(num_hidden_layers=2, **_common(vocab)),
+    "llama": lambda vocab, layers=2: LlamaConfig(num_hidden_layers=layers, **_common(vocab)),
+    "qwen2": lambda vocab, layers=2: Qwen2Config(num_hidden_layers=layers, **_common(vocab)),
     "gemma3": lambda vocab: Gemma3TextConfig(num_hidden_layers=3, head_dim=16, sliding_window=GEMMA_WINDOW,
                                              layer_types=["sliding_attention", "sliding_attention", "full_attention"],
                                              query_pre_attn_scalar=16, **_common(vocab)),
@@ -28,9 +28,10 @@ CONFIGS = {
 
 
 @functools.lru_cache(maxsize=None)
-def tiny_model(arch: str, seed: int = 0, vocab_size: int = VOCAB) -> torch.nn.Module:
+def tiny_model(arch: str, seed: int = 0, vocab_size: int = VOCAB, layers: int | None = None) -> torch.nn.Module:
+    """``layers``: a deeper llama/qwen2 (layer-skipping drafters need layers to skip); default 2."""
     torch.manual_seed(seed)
-    config = CONFIGS[arch](vocab_size)
+    config = CONFIGS[arch](vocab_size) if layers is None else CONFIGS[arch](vocab_size, layers)
     config._attn_implementation = "sdpa"
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     # Sharpen the random model's distributions so greedy outputs are not numerical near-ties.

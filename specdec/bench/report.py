@@ -8,7 +8,7 @@ from pathlib import Path
 
 from specdec.bench.run import PromptResult
 
-COLUMNS = ("method", "tok/s", "speedup", "vs HF assisted", "tau", "identical", "near-ties", "budget", "draft ms/step",
+COLUMNS = ("method", "tok/s", "speedup", "vs HF assisted", "pooled speedup", "tau", "identical", "near-ties", "budget", "draft ms/step",
            "draft s", "verify s")
 
 
@@ -20,6 +20,8 @@ def table_rows(summary: dict) -> list[list[str]]:
             f"{e['tokens_per_s']:.2f}",
             f"{e['speedup']:.2f}x",
             f"{e['speedup_vs_hf-assisted']:.2f}x" if "speedup_vs_hf-assisted" in e else "-",
+            f"{e['pooled_speedup']:.2f}x" + (f" / {e['pooled_speedup_vs_hf-assisted']:.2f}x"
+                                             if "pooled_speedup_vs_hf-assisted" in e else ""),
             f"{e['tau']:.2f}" if "tau" in e else "-",
             "n/a (sampled)" if e["identical"] is None else f"{e['identical']}/{e['prompts']}",
             str(e["near_ties"]) if e["identical"] is not None and e["identical"] < e["prompts"] else "-",

@@ -16,7 +16,11 @@ Where we differ from the reference:
   * Nodes below a token whose row was never written (the reference fills them with token 0) and siblings repeating
     an earlier sibling's token (only possible with a loaded or hand-made matrix) are dropped with their subtrees,
     so no verification slot is spent on them. A cold start therefore proposes nothing at its first step.
-  * The matrix is never updated from the prompt (neither is the reference's; drafters do not see prefill logits).
+  * Rows the target never wrote are seeded from the prompt's own bigrams (``context_rows``, ours): at begin(),
+    every prompt token whose row is empty gets the token that last followed it in the prompt as its only
+    candidate (the reference starts from zeros and never looks at the prompt; drafters do not see prefill logits).
+    Without it a cold matrix stays cold on this hardware: a pruned tree verifies few slots, and only verified
+    slots write rows, so most roots have no candidates for many steps. Target-written rows always win.
 """
 
 from __future__ import annotations
@@ -49,6 +53,7 @@ class TokenRecyclingConfig:
     hot_start: bool = True  # keep matrix and estimates across generate() calls (as the reference); False: reset
     decay: float = 0.95  # weight of the past in each node's acceptance estimate: a memory of ~20 steps
     cost_cache: str | None = None  # directory of forward_costs.json for budget="auto"; None: ~/.cache/specdec
+    context_rows: bool = True  # seed empty rows from the prompt's bigrams at every begin() (ours, see above)
 
     def __post_init__(self) -> None:
         if isinstance(self.k, bool) or not isinstance(self.k, int) or self.k < 1:
@@ -99,6 +104,7 @@ class TokenRecyclingDrafter(Drafter):
     def _reset(self) -> None:
         self.matrix = self._start[0].clone()  # LongTensor [V, k]: A[w] = candidates after w, best first
         self.written = self._start[1].clone()  # BoolTensor [V]: rows that hold candidates
+        self.from_context = torch.zeros_like(self.written)  # BoolTensor [V]: rows seeded from the prompt, not the target
         self.estimates = self.prior.clone()  # FloatTensor [N] (float64, CPU): P(template node on the emitted path)
         self._last: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None  # root, filled template, valid
         self._propose_seconds = 0.0
@@ -107,6 +113,25 @@ class TokenRecyclingDrafter(Drafter):
         if not self.config.hot_start:
             self._reset()
         self._last = None
+        if self.config.context_rows:
+            self._seed_from_context(state.sequence[0].to(self.matrix.device))
+
+    def _seed_from_context(self, tokens: torch.Tensor) -> None:
+        """Rows not written by the target (empty or seeded before) <- the token that last followed theirs in
+        ``tokens`` [L], repeated k times (repeats are not drafted, so it is the row's one candidate)."""
+        if tokens.numel() < 2:
+            return
+        prev, nxt = tokens[:-1], tokens[1:]  # [L-1] bigrams
+        order = torch.argsort(prev, stable=True)
+        sorted_prev = prev[order]
+        last = torch.ones_like(sorted_prev, dtype=torch.bool)
+        last[:-1] = sorted_prev[1:] != sorted_prev[:-1]  # the last occurrence of each distinct token
+        rows, cand = prev[order[last]], nxt[order[last]]  # distinct rows, no index_put conflicts
+        free = ~self.written[rows] | self.from_context[rows]
+        rows, cand = rows[free], cand[free]
+        self.matrix[rows] = cand[:, None].expand(-1, self.config.k)
+        self.written[rows] = True
+        self.from_context[rows] = True
 
     # ------------------------------------------------------------------ drafting
     def propose(self, state: DecodeState) -> DraftTree:
@@ -166,6 +191,7 @@ class TokenRecyclingDrafter(Drafter):
         last = (same * torch.arange(n + 1, device=root.device)).amax(dim=1)  # [n+1]
         self.matrix[slot_tokens] = top[last]
         self.written[slot_tokens] = True
+        self.from_context[slot_tokens] = False
         self._update_estimates(filled, valid, outcome.result.tokens.cpu())
         self._last = None
         spent = self._propose_seconds + time.perf_counter() - t0
@@ -212,3 +238,4 @@ class TokenRecyclingDrafter(Drafter):
         dev = self.matrix.device
         self._start = (matrix.to(dev), written.to(dev))
         self.matrix, self.written = self._start[0].clone(), self._start[1].clone()
+        self.from_context = torch.zeros_like(self.written)

@@ -75,7 +75,7 @@ def test_invalid_options(options):
 
 # ------------------------------------------------------------------ the matrix
 def test_matrix_update_takes_topk_of_every_slot_last_write_wins():
-    drafter = _drafter(k=3, template=SMALL)
+    drafter = _drafter(k=3, template=SMALL, context_rows=False)
     drafter.begin(_state(9))
     assert drafter.propose(_state(9)).size == 0  # nothing learned yet
     tree = DraftTree(torch.tensor([5, 7, 5]), torch.tensor([-1, 0, -1]))  # slots: [9, 5, 7, 5]
@@ -191,7 +191,7 @@ def test_estimates_learn_from_what_the_step_emitted():
 @pytest.mark.parametrize("hot_start", [True, False])
 def test_hot_start_keeps_the_matrix_cold_start_resets_it(hot_start):
     target = tiny_model("llama")
-    drafter = create_drafter("token-recycling", target=target, budget=20, hot_start=hot_start)
+    drafter = create_drafter("token-recycling", target=target, budget=20, hot_start=hot_start, context_rows=False)
     engine = SpecEngine(target, drafter)
     first = engine.generate(tiny_prompt(), max_new_tokens=16).stats
     learned = drafter.matrix.clone()
@@ -201,6 +201,27 @@ def test_hot_start_keeps_the_matrix_cold_start_resets_it(hot_start):
         assert second.tree_budgets[0] > 0
     else:
         assert second.tree_budgets == first.tree_budgets and torch.equal(drafter.matrix, learned)
+
+
+def test_context_rows_seed_empty_rows_from_the_prompt_and_yield_to_the_target():
+    drafter = _drafter(k=2, template=build_template([1, 1, 1]), budget=3)
+    _set_rows(drafter, {7: [40, 41]})  # written by the target: kept
+    prompt = torch.tensor([[5, 6, 7, 8, 5, 9, 7, 5]])  # 5 -> 9 (last), 6 -> 7, 9 -> 7, 8 -> 5
+    drafter.begin(DecodeState(sequence=prompt, prompt_len=8, target=None, sampling=SamplingConfig(),
+                              max_new_tokens=10))
+    assert drafter.matrix[5].tolist() == [9, 9] and drafter.matrix[6].tolist() == [7, 7]
+    assert drafter.matrix[7].tolist() == [40, 41] and not bool(drafter.from_context[7])
+    tree = drafter.propose(DecodeState(sequence=prompt, prompt_len=8, target=None, sampling=SamplingConfig(),
+                                       max_new_tokens=10))
+    assert tree.tokens.tolist() == [9, 7, 40] and tree.parents.tolist() == [-1, 0, 1]
+    # a verified slot of token 9 replaces its seeded row with the target's top-k
+    logits = torch.zeros(4, VOCAB)
+    logits[:, 50], logits[:, 51] = 2.0, 1.0
+    drafter.observe(None, _outcome(tree, logits, [9]))
+    assert drafter.matrix[9].tolist() == [50, 51] and not bool(drafter.from_context[9])
+    off = _drafter(k=2, template=build_template([1, 1, 1]), budget=3, context_rows=False)
+    off.begin(DecodeState(sequence=prompt, prompt_len=8, target=None, sampling=SamplingConfig(), max_new_tokens=10))
+    assert not bool(off.written.any())
 
 
 # ------------------------------------------------------------------ persistence

@@ -50,7 +50,7 @@ from specdec.drafters import register_drafter
 from specdec.drafters.base import Drafter
 from specdec.errors import IncompatibleModelsError, InvalidInputError
 from specdec.runner import CausalLMRunner
-from specdec.sampling import apply_repetition_penalty, sample, seen_mask, warp_logits
+from specdec.sampling import drafter_logits, sample, seen_mask
 from specdec.state import DecodeState, StepOutcome
 from specdec.tree import DraftTree, ProposalKind
 
@@ -336,12 +336,10 @@ class DraftModelDrafter(Drafter):
         """FloatTensor [m, V]: log of the draft distribution after each row of ``logits`` [m, V], through the same
         processors as the target's; ``paths`` [m, a] the draft tokens each row follows (-1 = padding)."""
         sampling = state.sampling
+        seen = None
         if sampling.penalizes_repetition:
             seen = seen_mask(state.sequence[0].to(logits.device), logits.shape[-1], paths, rows=logits.shape[0])
-            logits = apply_repetition_penalty(logits, seen, sampling.repetition_penalty)
-        if sampling.do_sample:
-            logits = warp_logits(logits, sampling)
-        return torch.log_softmax(logits.float(), dim=-1)
+        return torch.log_softmax(drafter_logits(logits, sampling, seen), dim=-1)
 
     def observe(self, state: DecodeState, outcome: StepOutcome) -> None:
         """Keep the accepted nodes the draft model already processed; the next _sync feeds the rest."""

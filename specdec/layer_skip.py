@@ -34,8 +34,8 @@ from dataclasses import dataclass
 import torch
 
 from specdec.errors import IncompatibleModelsError, InvalidInputError
-from specdec.runner import CausalLMRunner
-from specdec.sampling import SamplingConfig, apply_repetition_penalty, seen_mask, warp_logits
+from specdec.runner import CausalLMRunner, within_window
+from specdec.sampling import SamplingConfig, drafter_logits, seen_mask
 
 
 @dataclass(frozen=True)
@@ -212,8 +212,7 @@ class LayerSkipRunner:
         if not sliding:
             return full
         key_pos = torch.cat([kv.prefix_positions.to(mask.device), kv.positions[layer], positions])
-        near = (positions[:, None] - key_pos[None, :]) < self.sliding_window  # [n, keys]
-        return full & near[None, None]
+        return within_window(full, positions, key_pos, self.sliding_window)
 
 
 # ---------------------------------------------------------------------------------------------- chain drafting
@@ -230,16 +229,6 @@ class DraftChain:
         return int(self.tokens.numel())
 
 
-def draft_probs(logits: torch.Tensor, sampling: SamplingConfig, seen: torch.Tensor | None) -> torch.Tensor:
-    """FloatTensor [m, V]: the draft distribution after ``logits`` [m, V], through the target's processors
-    (repetition penalty over ``seen`` [m, V], then the sampling warpers when sampling)."""
-    if seen is not None:
-        logits = apply_repetition_penalty(logits, seen, sampling.repetition_penalty)
-    if sampling.do_sample:
-        logits = warp_logits(logits, sampling)
-    return torch.softmax(logits.float(), dim=-1)
-
-
 def draft_chain(runner: LayerSkipRunner, plan: SkipPlan, target: CausalLMRunner, sequence: torch.Tensor,
                 sampling: SamplingConfig, max_depth: int, stop_threshold: float, top_c: int = 1) -> DraftChain:
     """Draft up to ``max_depth`` top-1 tokens below the root ``sequence[-1]`` with the partial target, one pass per
@@ -254,7 +243,7 @@ def draft_chain(runner: LayerSkipRunner, plan: SkipPlan, target: CausalLMRunner,
     probs_rows, id_rows = [], []
     for d in range(max_depth):
         logits = runner.forward(plan, token, torch.tensor([target.length + d], device=dev), kv)  # [1, V]
-        top_p, top_i = draft_probs(logits, sampling, seen).topk(min(top_c, logits.shape[-1]), dim=-1)  # [1, c]
+        top_p, top_i = drafter_logits(logits, sampling, seen).softmax(dim=-1).topk(min(top_c, logits.shape[-1]), dim=-1)  # [1, c]
         probs_rows.append(top_p)
         id_rows.append(top_i)
         token = top_i[:, 0]

@@ -23,6 +23,16 @@ class ForwardOutput:
     hidden_states: tuple[torch.Tensor, ...] | None = None  # per layer (embeddings first), each [n_new, d]
 
 
+def within_window(full: torch.Tensor, positions: torch.Tensor, key_positions: torch.Tensor,
+                  window: int) -> torch.Tensor:
+    """``full`` [1, 1, n, keys] further limited to keys less than ``window`` positions behind each query.
+
+    positions: [n] of the queries; key_positions: [keys] of every key slot (tree branches may share positions).
+    """
+    near = (positions[:, None] - key_positions[None, :]) < window  # [n, keys]
+    return full & near[None, None]
+
+
 class CausalLMRunner:
     """Feeds tokens to ``model`` on top of its cache. Batch size 1 for now; tensors keep the batch dimension."""
 
@@ -103,8 +113,8 @@ class CausalLMRunner:
         if not self.uses_sliding_window:
             return full
         key_pos = torch.cat([self.slot_positions.to(mask.device), positions])  # slots may hold tree branches
-        near = (positions[:, None] - key_pos[None, :]) < self.sliding_window  # [n, past + n]
-        return {"full_attention": full, "sliding_attention": full & near[None, None]}
+        return {"full_attention": full, "sliding_attention": within_window(full, positions, key_pos,
+                                                                          self.sliding_window)}
 
     # ------------------------------------------------------------------ cache edits
     def commit(self, base: int, keep: torch.Tensor) -> None:

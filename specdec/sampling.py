@@ -137,6 +137,17 @@ def warp_logits(logits: torch.Tensor, sampling: SamplingConfig) -> torch.Tensor:
     return scores
 
 
+def drafter_logits(logits: torch.Tensor, sampling: SamplingConfig, seen: torch.Tensor | None = None) -> torch.Tensor:
+    """FloatTensor [m, V]: a drafter's ``logits`` [m, V] through the same processors as the target's, in HF order:
+    the repetition penalty over ``seen`` [m, V] (when given and the penalty is on), then, when sampling, the
+    warpers. Its softmax is the draft distribution q that verifiers compare with p."""
+    if seen is not None and sampling.penalizes_repetition:
+        logits = apply_repetition_penalty(logits, seen, sampling.repetition_penalty)
+    if sampling.do_sample:
+        logits = warp_logits(logits, sampling)
+    return logits.float()
+
+
 def warped_probs(logits: torch.Tensor, sampling: SamplingConfig) -> torch.Tensor:
     """FloatTensor [m, V]: the distribution sampling draws from, softmax of ``warp_logits``."""
     return warp_logits(logits, sampling).softmax(dim=-1)

@@ -44,20 +44,30 @@ class PromptLookupDrafter(Drafter):
         length = min(self.config.num_tokens, state.remaining - 1)
         if length < 1:
             return DraftTree.empty(dev)
-        for n in range(self.config.max_ngram, self.config.min_ngram - 1, -1):
-            if seq.numel() <= n:
-                continue
-            windows = seq[:-1].unfold(0, n, 1)  # [L-n, n] every n-gram that has a successor
-            hits = torch.nonzero((windows == seq[-n:]).all(dim=1)).flatten()  # start of each match
-            if hits.numel() == 0:
-                continue
-            starts = (hits + n).flip(0)[: 4 * self.config.num_candidates].tolist()  # latest first
-            paths: list[list[int]] = []
-            for s in starts:
-                cont = seq[s: s + length].tolist()
-                if cont and cont not in paths:
-                    paths.append(cont)
-                if len(paths) == self.config.num_candidates:
-                    break
-            return DraftTree.from_paths(paths, device=dev)
-        return DraftTree.empty(dev)
+        paths = lookup_continuations(seq, self.config.max_ngram, self.config.min_ngram, length,
+                                     self.config.num_candidates)[0]
+        return DraftTree.from_paths(paths, device=dev) if paths else DraftTree.empty(dev)
+
+
+def lookup_continuations(seq: torch.Tensor, max_ngram: int, min_ngram: int, length: int,
+                         count: int = 1) -> tuple[list[list[int]], int]:
+    """Up to ``count`` distinct continuations (latest match first, each at most ``length`` tokens) of the longest
+    n-gram (``max_ngram`` down to ``min_ngram``) that ends ``seq`` [L] and also occurs earlier in it, and that n
+    (0 and no paths when nothing matches). One vectorised comparison over all windows per n."""
+    for n in range(max_ngram, min_ngram - 1, -1):
+        if seq.numel() <= n:
+            continue
+        windows = seq[:-1].unfold(0, n, 1)  # [L-n, n] every n-gram that has a successor
+        hits = torch.nonzero((windows == seq[-n:]).all(dim=1)).flatten()  # start of each match
+        if hits.numel() == 0:
+            continue
+        starts = (hits + n).flip(0)[: 4 * count].tolist()  # latest first
+        paths: list[list[int]] = []
+        for s in starts:
+            cont = seq[s: s + length].tolist()
+            if cont and cont not in paths:
+                paths.append(cont)
+            if len(paths) == count:
+                break
+        return paths, n
+    return [], 0

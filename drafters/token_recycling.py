@@ -21,6 +21,13 @@ Where we differ from the reference:
     candidate (the reference starts from zeros and never looks at the prompt; drafters do not see prefill logits).
     Without it a cold matrix stays cold on this hardware: a pruned tree verifies few slots, and only verified
     slots write rows, so most roots have no candidates for many steps. Target-written rows always win.
+  * A lookup branch (``lookup_depth``, ours): the continuation of the latest earlier occurrence of the sequence's
+    last n-gram (n = ``lookup_ngram`` down to 1; prompt lookup decoding, Saxena 2023) joins the candidate pool as
+    a chain below the root, with its own running acceptance estimate per n-gram size and depth, and competes with
+    the template nodes for the budget. Where a chain node repeats a chosen template node's path they share a slot.
+    The matrix keeps one candidate list per token, so it cannot follow a long copy from the prompt once the target
+    has written the rows of common tokens; on the Qwen 1.5B the Spec-Bench summarization prompts measured 1.2-1.5x
+    with the matrix alone against 1.7-3.8x for HF prompt lookup. ``lookup_depth=0`` drafts as the reference.
 """
 
 from __future__ import annotations
@@ -35,6 +42,7 @@ import torch
 from specdec.budget import ForwardCosts, best_first_order, choose_budget, forward_costs
 from specdec.drafters import register_drafter
 from specdec.drafters.base import Drafter
+from specdec.drafters.prompt_lookup import lookup_continuations
 from specdec.drafters.tree_templates import TEMPLATE_2_2_2, compile_template
 from specdec.errors import IncompatibleModelsError, InvalidInputError
 from specdec.state import DecodeState, StepOutcome
@@ -43,6 +51,7 @@ from specdec.tree import DraftTree
 _FORMAT = "specdec.token-recycling.matrix/1"
 PRIOR_ROOT_CHILD = 0.4  # prior acceptance of the best candidate below an accepted node (the paper's tau ~2.5)
 PRIOR_RANK_DECAY = 0.5  # each lower-ranked sibling is half as likely; the 8 siblings then sum to ~0.8
+PRIOR_LOOKUP = (0.45, 0.6, 0.75)  # prior acceptance per chain token of a lookup match on a 1-, 2-, 3(+)-gram
 
 
 @dataclass(frozen=True)
@@ -54,6 +63,8 @@ class TokenRecyclingConfig:
     decay: float = 0.95  # weight of the past in each node's acceptance estimate: a memory of ~20 steps
     cost_cache: str | None = None  # directory of forward_costs.json for budget="auto"; None: ~/.cache/specdec
     context_rows: bool = True  # seed empty rows from the prompt's bigrams at every begin() (ours, see above)
+    lookup_depth: int = 8  # longest lookup-branch chain (ours, see above); 0: no lookup branch
+    lookup_ngram: int = 3  # longest n-gram matched for the lookup branch (down to 1)
 
     def __post_init__(self) -> None:
         if isinstance(self.k, bool) or not isinstance(self.k, int) or self.k < 1:
@@ -66,6 +77,11 @@ class TokenRecyclingConfig:
         if self.budget != "auto" and (isinstance(self.budget, bool) or not isinstance(self.budget, int)
                                       or self.budget < 1):
             raise InvalidInputError(f"token-recycling budget must be 'auto' or an integer >= 1, got {self.budget!r}")
+        for name in ("lookup_depth", "lookup_ngram"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < (0 if name == "lookup_depth" else 1):
+                raise InvalidInputError(f"token-recycling {name} must be an integer >= "
+                                        f"{0 if name == 'lookup_depth' else 1}, got {value!r}")
         if not 0.0 <= self.decay < 1.0:
             raise InvalidInputError(f"token-recycling decay must be in [0, 1), got {self.decay}")
 
@@ -95,6 +111,12 @@ class TokenRecyclingDrafter(Drafter):
         edge = math.log(PRIOR_ROOT_CHILD) + tpl.ranks.double() * math.log(PRIOR_RANK_DECAY)  # [N] log prior per edge
         on_path = tpl.path_nodes >= 0
         self.prior = torch.where(on_path, edge[tpl.path_nodes.clamp(min=0)], 0.0).sum(1).exp()  # [N] float64, CPU
+        depth = self.config.lookup_depth
+        per_token = torch.tensor([PRIOR_LOOKUP[min(n, len(PRIOR_LOOKUP)) - 1]
+                                  for n in range(1, self.config.lookup_ngram + 1)], dtype=torch.float64)
+        self.lookup_prior = per_token[:, None] ** torch.arange(1, depth + 1, dtype=torch.float64)  # [G, D]
+        self._pool_parents = torch.cat([tpl.parents, torch.arange(tpl.size - 1, tpl.size - 1 + depth)])  # [N+D]
+        self._pool_parents[tpl.size:tpl.size + 1] = -1  # the chain hangs below the root
         self._start = (torch.zeros(self.vocab_size, self.config.k, dtype=torch.long, device=dev),
                        torch.zeros(self.vocab_size, dtype=torch.bool, device=dev))
         self.draft_seconds = 0.0  # running mean of propose + observe time, charged to every tree size
@@ -106,7 +128,8 @@ class TokenRecyclingDrafter(Drafter):
         self.written = self._start[1].clone()  # BoolTensor [V]: rows that hold candidates
         self.from_context = torch.zeros_like(self.written)  # BoolTensor [V]: rows seeded from the prompt, not the target
         self.estimates = self.prior.clone()  # FloatTensor [N] (float64, CPU): P(template node on the emitted path)
-        self._last: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None  # root, filled template, valid
+        self.lookup_estimates = self.lookup_prior.clone()  # [G, D]: P(chain prefix of depth d emitted | n-gram n)
+        self._last: tuple | None = None  # root, filled template, valid, lookup chain, its n-gram size
         self._propose_seconds = 0.0
 
     def begin(self, state: DecodeState) -> None:
@@ -147,23 +170,55 @@ class TokenRecyclingDrafter(Drafter):
         tokens, row_written = host[0, 1:], host[1].bool()
         valid = self._valid_nodes(tokens, row_written, state.remaining - 1)  # [N]
 
-        order, values = best_first_order(self.estimates, tpl.parents)
-        usable = valid[order]
+        chain, ngram = self._lookup(state)  # [c] CPU (c <= D), n-gram size (0: no chain)
+        depth = self.config.lookup_depth
+        pool_tokens = torch.cat([tokens, torch.nn.functional.pad(chain, (0, depth - chain.numel()))])  # [N+D]
+        pool_valid = torch.cat([valid, torch.arange(depth) < chain.numel()])  # [N+D]
+        chain_values = self.lookup_estimates[ngram - 1] if ngram else torch.zeros(depth, dtype=torch.float64)
+        order, values = best_first_order(torch.cat([self.estimates, chain_values]), self._pool_parents)
+        usable = pool_valid[order]
         order, values = order[usable], values[usable]
         if self.config.budget == "auto":
             n = choose_budget(values, self.costs, self.draft_seconds)
         else:
             n = min(int(self.config.budget), order.numel())
-        chosen = order[:n].sort().values  # breadth-first template order is topological
-        remap = torch.full((tpl.size,), -1, dtype=torch.long)
-        remap[chosen] = torch.arange(n)
-        parents = tpl.parents[chosen]
-        parents = torch.where(parents >= 0, remap[parents.clamp(min=0)], parents)
+        chosen = order[:n].sort().values  # template (breadth first), then chain: topological
+        tree_tokens, parents = self._merge(chosen, pool_tokens)
 
-        self.tree_budget = n
-        self._last = (root, tokens, valid)
+        self.tree_budget = tree_tokens.numel()  # n, less chain nodes that share a template node's slot
+        self._last = (root, tokens, valid, chain, ngram)
         self._propose_seconds = time.perf_counter() - t0
-        return DraftTree(tokens[chosen].to(dev), parents.to(dev))
+        return DraftTree(tree_tokens.to(dev), parents.to(dev))
+
+    def _lookup(self, state: DecodeState) -> tuple[torch.Tensor, int]:
+        """The lookup branch: LongTensor [c] (CPU) continuing the latest earlier match of the last n-gram, and n."""
+        length = min(self.config.lookup_depth, state.remaining - 1)
+        if length < 1:
+            return torch.zeros(0, dtype=torch.long), 0
+        paths, n = lookup_continuations(state.sequence[0], self.config.lookup_ngram, 1, length)
+        if not paths:
+            return torch.zeros(0, dtype=torch.long), 0
+        return torch.tensor(paths[0], dtype=torch.long), n
+
+    def _merge(self, chosen: torch.Tensor, pool_tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Tokens [n'] and parents [n'] of the tree over the chosen pool nodes, a chain node that repeats a chosen
+        sibling's token sharing that sibling's slot (and its descendants following it)."""
+        n_tpl = self.template.size
+        slot_of: dict[int, int] = {}  # pool index -> tree node
+        by_edge: dict[tuple[int, int], int] = {}  # (tree parent, token) -> tree node
+        tokens: list[int] = []
+        parents: list[int] = []
+        pool_parents = self._pool_parents[chosen].tolist()
+        for i, p, tok in zip(chosen.tolist(), pool_parents, pool_tokens[chosen].tolist()):
+            parent = slot_of[p] if p >= 0 else -1
+            if i >= n_tpl and (parent, tok) in by_edge:
+                slot_of[i] = by_edge[(parent, tok)]
+                continue
+            slot_of[i] = len(tokens)
+            by_edge.setdefault((parent, tok), len(tokens))
+            tokens.append(tok)
+            parents.append(parent)
+        return torch.tensor(tokens, dtype=torch.long), torch.tensor(parents, dtype=torch.long)
 
     def _valid_nodes(self, tokens: torch.Tensor, row_written: torch.Tensor, max_depth: int) -> torch.Tensor:
         """BoolTensor [N] (CPU): nodes worth verifying: on their whole path, every node's parent row is written, no
@@ -180,7 +235,7 @@ class TokenRecyclingDrafter(Drafter):
         t0 = time.perf_counter()
         if self._last is None:
             return
-        root, filled, valid = self._last
+        root, filled, valid, chain, ngram = self._last
         n = outcome.tree.size
         assert outcome.target_logits.shape[0] >= n + 1, "target_logits must cover [root, nodes]"
         slot_tokens = torch.cat([root, outcome.tree.tokens.to(root.device)])  # [n+1]
@@ -192,7 +247,10 @@ class TokenRecyclingDrafter(Drafter):
         self.matrix[slot_tokens] = top[last]
         self.written[slot_tokens] = True
         self.from_context[slot_tokens] = False
-        self._update_estimates(filled, valid, outcome.result.tokens.cpu())
+        emitted = outcome.result.tokens.cpu()
+        self._update_estimates(filled, valid, emitted)
+        if ngram:
+            self._update_lookup_estimates(chain, ngram, emitted)
         self._last = None
         spent = self._propose_seconds + time.perf_counter() - t0
         self.draft_seconds = spent if self.draft_seconds == 0.0 else 0.9 * self.draft_seconds + 0.1 * spent
@@ -209,6 +267,18 @@ class TokenRecyclingDrafter(Drafter):
         known = (hit | mismatch) & valid
         d = self.config.decay
         self.estimates[known] = d * self.estimates[known] + (1.0 - d) * hit[known].double()
+
+    def _update_lookup_estimates(self, chain: torch.Tensor, ngram: int, emitted: torch.Tensor) -> None:
+        """Chain depth d is a hit if chain[:d] was emitted, a miss if it differs within the emitted tokens."""
+        c, m = chain.numel(), min(chain.numel(), emitted.numel())
+        agree = (chain[:m] == emitted[:m]).long().cumprod(0)  # [m] 1 while the prefix still matches
+        matched = int(agree.sum())  # depth of the longest emitted prefix of the chain
+        d = torch.arange(1, c + 1)
+        hit = d <= matched
+        miss = (d > matched) & (matched < m)  # the chain left the emitted tokens at depth matched + 1 <= m
+        known = hit | miss
+        est = self.lookup_estimates[ngram - 1, :c]
+        est[known] = self.config.decay * est[known] + (1.0 - self.config.decay) * hit[known].double()
 
     # ------------------------------------------------------------------ persistence
     def save(self, path) -> None:

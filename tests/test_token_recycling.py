@@ -22,6 +22,7 @@ SMALL = ((0,), (1,), (0, 0), (0, 1), (1, 0))  # root -> a, b; a -> c, d; b -> e
 
 def _drafter(**options):
     options.setdefault("budget", 80)  # fixed budgets measure nothing
+    options.setdefault("lookup_depth", 0)  # the matrix alone, unless a test is about the lookup branch
     return create_drafter("token-recycling", target=tiny_model("llama"), **options)
 
 
@@ -224,6 +225,51 @@ def test_context_rows_seed_empty_rows_from_the_prompt_and_yield_to_the_target():
     assert not bool(off.written.any())
 
 
+# ------------------------------------------------------------------ lookup branch
+def _lookup_state(sequence: list[int], max_new_tokens: int = 100) -> DecodeState:
+    return DecodeState(sequence=torch.tensor([sequence]), prompt_len=len(sequence), target=None,
+                       sampling=SamplingConfig(), max_new_tokens=max_new_tokens)
+
+
+def test_lookup_branch_joins_the_tree_and_shares_slots_with_template_nodes():
+    drafter = _drafter(k=2, template=build_template([2, 1]), budget=7, lookup_depth=3, context_rows=False)
+    _set_rows(drafter, {9: [30, 31], 30: [60, 61], 31: [70, 71]})
+    # last 2-gram (8, 9) occurred before, followed by 30, 61, 62: the chain shares the slot of template node 30
+    tree = drafter.propose(_lookup_state([8, 9, 30, 61, 62, 8, 9]))
+    assert sorted(_paths(tree)) == sorted([[30], [31], [30, 60], [31, 70], [30, 61], [30, 61, 62]])
+    assert drafter.tree_budget == tree.size == 6  # 7 pool nodes chosen, the chain's 30 shares a slot
+
+
+def test_lookup_estimates_learn_hits_and_misses_per_ngram_and_depth():
+    drafter = _drafter(k=2, template=build_template([1]), budget=4, lookup_depth=3, context_rows=False)
+    prior = drafter.lookup_estimates.clone()
+    state = _lookup_state([8, 9, 30, 61, 62, 8, 9])  # a 2-gram match, chain [30, 61, 62]
+    tree = drafter.propose(state)
+    logits = torch.zeros(tree.size + 1, VOCAB)
+    drafter.observe(state, _outcome(tree, logits, [30, 61, 5]))  # depths 1, 2 hit, 3 missed
+    est, d = drafter.lookup_estimates, drafter.config.decay
+    assert torch.allclose(est[1], torch.tensor([d * prior[1, 0] + 1 - d, d * prior[1, 1] + 1 - d, d * prior[1, 2]],
+                                               dtype=torch.float64))
+    assert torch.equal(est[0], prior[0]) and torch.equal(est[2], prior[2])  # other n-gram sizes untouched
+    state = _lookup_state([8, 9, 30, 61, 62, 8, 9])
+    tree = drafter.propose(state)
+    before = drafter.lookup_estimates.clone()
+    drafter.observe(state, _outcome(tree, torch.zeros(tree.size + 1, VOCAB), [30]))  # depth 1 hit, rest unknown
+    assert est[1, 0] > before[1, 0] and torch.equal(est[1, 1:], before[1, 1:])
+
+
+def test_lookup_branch_respects_the_remaining_tokens_and_can_be_switched_off():
+    drafter = _drafter(k=2, template=build_template([1]), budget=8, lookup_depth=5, context_rows=False)
+    tree = drafter.propose(_lookup_state([8, 9, 30, 61, 62, 63, 8, 9], max_new_tokens=3))  # 2 drafted at most
+    assert tree.max_depth <= 2 and _paths(tree) == [[30], [30, 61]]
+    off = _drafter(k=2, template=build_template([1]), budget=8, lookup_depth=0, context_rows=False)
+    assert off.propose(_lookup_state([8, 9, 30, 61, 62, 63, 8, 9])).size == 0
+    with pytest.raises(InvalidInputError, match="lookup_depth"):
+        _drafter(lookup_depth=-1)
+    with pytest.raises(InvalidInputError, match="lookup_ngram"):
+        _drafter(lookup_ngram=0)
+
+
 # ------------------------------------------------------------------ persistence
 def test_save_load_round_trip(tmp_path):
     target = tiny_model("llama")
@@ -270,7 +316,7 @@ def test_rejection_sampling_runs_and_is_seeded():
         engine = SpecEngine(target, drafter, verifier="rejection")
         engine.generate(tiny_prompt(1), max_new_tokens=12, do_sample=True,
                         generator=torch.Generator().manual_seed(seed))  # learn some rows first
-        result = engine.generate(tiny_prompt(), max_new_tokens=24, do_sample=True, temperature=0.8,
+        result = engine.generate(tiny_prompt(), max_new_tokens=24, do_sample=True, temperature=0.8, eos_token_id=None,
                                  generator=torch.Generator().manual_seed(seed))
         assert result.stats.new_tokens == 24 and max(result.stats.tree_sizes) > 0
         return result.sequences

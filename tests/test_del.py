@@ -90,6 +90,19 @@ def test_shadow_tokens_are_what_each_exit_would_have_drafted():
     assert drafter.shadow_seconds > 0
 
 
+@pytest.mark.parametrize("interval,probes", [(3, 4), (1, 12)])
+def test_shadow_tokens_only_every_probe_interval_steps_while_not_drafting(interval, probes):
+    target = deep_llama()
+    # an LM head worth a million layers: no draft ever pays, so every step is idle
+    drafter = create_drafter("del", target=target, head_cost=1e6, probe_interval=interval)
+    calls = []
+    head = drafter.runner.head
+    drafter.runner.head = lambda states: calls.append(states.shape) or head(states)
+    result = SpecEngine(target, drafter).generate(tiny_prompt(), max_new_tokens=13, eos_token_id=None)
+    assert max(result.stats.draft_depths) == 0 and result.stats.target_forwards == 12
+    assert len(calls) == probes  # steps 3, 6, 9, 12 (interval 3) or all 12
+
+
 # ---------------------------------------------------------------------------------------------- end to end
 @pytest.mark.parametrize("options", [{}, dict(min_draft=2, stop_threshold=0.0)], ids=["default", "eager"])
 def test_generation_equals_greedy(options):

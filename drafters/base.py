@@ -35,3 +35,8 @@ class Drafter(ABC):
 
     def observe(self, state: DecodeState, outcome: StepOutcome) -> None:
         """Called after every verification; ``state.sequence`` already holds the emitted tokens."""
+
+    def describe(self) -> dict:
+        """What the drafter chose or learned that a report should show (JSON-able; e.g. a layer set), read by the
+        engine after every generate() into ``stats.drafter_info``."""
+        return {}

@@ -129,6 +129,7 @@ class DelDrafter(Drafter):
         self.choice: ExitChoice | None = None  # the latest round's (E, gamma)
         self.shadow_seconds = 0.0  # time spent computing shadow tokens
         self.idle_steps = 0  # steps in a row that drafted nothing (shadow tokens on every probe_interval-th)
+        self.exit_counts: dict[int, int] = {}  # exit layer -> rounds that drafted with it (since construction)
 
     def propose(self, state: DecodeState) -> DraftTree:
         c = self.config
@@ -137,10 +138,15 @@ class DelDrafter(Drafter):
         gamma = min(self.choice.gamma, state.remaining - 1)
         if gamma < 1:
             return DraftTree.empty(state.sequence.device)
+        self.exit_counts[self.choice.exit_layer] = self.exit_counts.get(self.choice.exit_layer, 0) + 1
         chain = draft_chain(self.runner, SkipPlan(exit_layer=self.choice.exit_layer), state.target,
                             state.sequence[0], state.sampling, gamma, c.stop_threshold)
         self.forward_count += chain.depth
         return DraftTree.chain(chain.tokens.to(state.sequence.device))
+
+    def describe(self) -> dict:
+        return {"exits": self.exits.tolist(), "acceptance": [round(float(a), 4) for a in self.acceptance],
+                "drafting_rounds_by_exit": dict(sorted(self.exit_counts.items()))}
 
     def observe(self, state: DecodeState, outcome: StepOutcome) -> None:
         """Shadow tokens: would each candidate exit have drafted the target's token at the verified positions?"""

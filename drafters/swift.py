@@ -183,6 +183,13 @@ class SwiftDrafter(Drafter):
         self.search_forwards += 1
         return float((logits.argmax(dim=-1) == seq[start + 1:].to(logits.device)).float().mean())
 
+    def describe(self) -> dict:
+        search = self.search
+        return {"skip_attention": sorted(self.plan.skip_attention), "skip_mlp": sorted(self.plan.skip_mlp),
+                "search_evaluations": search.iterations if search is not None else 0,
+                "best_matchness": search.best_score if search is not None and search.iterations else None,
+                "loaded": self.loaded}
+
     def save(self, path: str) -> None:
         """Write the current layer set under (model_key, task) in the JSON file ``path``."""
         score = self.search.best_score if self.search is not None else None

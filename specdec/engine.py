@@ -101,6 +101,7 @@ class SpecEngine:
 
         stats.new_tokens = state.num_generated
         stats.draft_forwards = self.drafter.forward_count - draft_forwards_before
+        stats.drafter_info = self.drafter.describe()
         if streamer is not None:
             streamer.end()
         return GenerationResult(state.sequence, stats)

@@ -33,6 +33,7 @@ class DecodingStats:
     lossless: bool = True  # False when an opt-in lossy verifier (typical acceptance) was used
     verifier: str = "greedy"
     drafter: str = ""
+    drafter_info: dict = field(default_factory=dict)  # Drafter.describe() after the call (layer set, exit, ...)
 
     @property
     def mean_accepted_length(self) -> float:
@@ -63,4 +64,5 @@ class DecodingStats:
             "lossless": self.lossless,
             "verifier": self.verifier,
             "drafter": self.drafter,
+            "drafter_info": dict(self.drafter_info),
         }

@@ -115,6 +115,9 @@ def test_generation_equals_greedy(options):
     assert not torch.equal(drafter.acceptance, torch.full((1,), 0.5, dtype=torch.float64))  # shadow tokens seen
     if options:
         assert min(result.stats.draft_depths[:-1]) >= 2
+    info = result.stats.drafter_info
+    assert info["exits"] == [2] and info["acceptance"] == pytest.approx(drafter.acceptance.tolist(), abs=1e-4)
+    assert sum(info["drafting_rounds_by_exit"].values()) == sum(1 for d in result.stats.draft_depths if d > 0)
 
 
 def test_sampling_with_rejection_is_seeded_deterministic():

@@ -176,6 +176,10 @@ def test_generation_with_the_search_running_equals_greedy():
     assert len(drafter.plan.skip_attention) + len(drafter.plan.skip_mlp) == k
     assert all(1 <= layer <= LAYERS - 2 for layer in drafter.plan.skip_attention | drafter.plan.skip_mlp)
     assert result.stats.draft_forwards == drafter.forward_count == sum(result.stats.draft_depths) + 6
+    info = result.stats.as_dict()["drafter_info"]  # what a benchmark report shows: the set in use
+    assert info["skip_attention"] == sorted(drafter.plan.skip_attention)
+    assert info["skip_mlp"] == sorted(drafter.plan.skip_mlp)
+    assert info["search_evaluations"] == 6 and info["best_matchness"] == search.best_score
 
 
 def test_sampling_with_rejection_is_seeded_deterministic():

@@ -31,7 +31,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from specdec.budget import ForwardCosts, best_first_order, choose_budget, forward_costs
+from specdec.budget import ForwardCosts, best_nodes, forward_costs
 from specdec.drafters import register_drafter
 from specdec.drafters.base import Drafter
 from specdec.drafters.mcts import Candidates, MCTSConfig, draft_candidates
@@ -150,18 +150,13 @@ class AdedDrafter(Drafter):
         depths = np.asarray(cands.depths)  # [m]
         ratio = (self._accepted + 1.0) / (self._predicted + 2.0)  # [depth] calibration
         values = torch.tensor(np.minimum(np.asarray(cands.values) * ratio[depths], 1.0))  # [m]
-        parents = torch.tensor(cands.parents, dtype=torch.long)  # [m]
-        order, ordered = best_first_order(values, parents)  # [m], [m]
-        k = choose_budget(ordered, self.costs, self._draft_seconds)
-        self.tree_budget = k
-        keep = order[:k]
-        position = torch.full((len(cands),), -1, dtype=torch.long)
-        position[keep] = torch.arange(k)
-        par = parents[keep]
-        new_parents = torch.where(par >= 0, position[par.clamp(min=0)], par)  # ancestor-closed: never -1 wrongly
-        tokens = torch.tensor(cands.tokens, dtype=torch.long)[keep]
+        pool = DraftTree(torch.tensor(cands.tokens, dtype=torch.long), torch.tensor(cands.parents, dtype=torch.long))
+        keep = best_nodes(values, pool.parents, self.costs, self._draft_seconds)  # [k]
+        self.tree_budget = keep.numel()
         self._proposed = (np.asarray(cands.values)[keep.numpy()], depths[keep.numpy()])
-        return DraftTree(tokens.to(dev), new_parents.to(dev))
+        mask = torch.zeros(len(cands), dtype=torch.bool)
+        mask[keep] = True
+        return pool.prune(mask)[0].to(dev)
 
     def observe(self, state: DecodeState, outcome: StepOutcome) -> None:
         if self._proposed is None:

@@ -44,6 +44,7 @@ from specdec.drafters.swift_search import (LayerSetSearch, SearchConfig, initial
                                            plan_from_indicator, save_layer_set, skippable_count)
 from specdec.errors import InvalidInputError
 from specdec.layer_skip import DraftChain, LayerSkipRunner, SkipPlan, draft_chain
+from specdec.runner import text_config
 from specdec.state import DecodeState, StepOutcome
 from specdec.tree import DraftTree
 
@@ -104,7 +105,7 @@ class SwiftDrafter(Drafter):
         self.runner = LayerSkipRunner(target)
         c = self.config
         layers = self.runner.num_layers
-        cfg = target.config.get_text_config() if hasattr(target.config, "get_text_config") else target.config
+        cfg = text_config(target)
         vocab = self.runner.lm_head.out_features
         self.model_key = c.model_key or f"{cfg.model_type}-L{layers}-d{cfg.hidden_size}-V{vocab}"
         self.search: LayerSetSearch | None = None

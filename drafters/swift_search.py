@@ -23,12 +23,12 @@ from __future__ import annotations
 import json
 import math
 import os
-import tempfile
 from dataclasses import dataclass
 
 import torch
 
 from specdec.errors import InvalidInputError
+from specdec.files import write_json_atomic
 from specdec.layer_skip import SkipPlan
 
 
@@ -258,13 +258,11 @@ def save_layer_set(path: str, model_key: str, task: str, plan: SkipPlan, score: 
     """Write ``plan`` under ``[model_key][task]`` in the JSON file ``path``, keeping its other entries (atomic)."""
     data: dict = {}
     if os.path.exists(path):
-        with open(path) as f:
-            data = json.load(f)
+        try:
+            with open(path) as f:
+                data = json.load(f)
+        except (OSError, json.JSONDecodeError) as e:
+            raise InvalidInputError(f"cannot read the layer-set file {path!r} to add a set to it: {e}") from e
     data.setdefault(model_key, {})[task] = {"skip_attention": sorted(plan.skip_attention),
                                             "skip_mlp": sorted(plan.skip_mlp), "matchness": score}
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=folder, suffix=".json")
-    with os.fdopen(fd, "w") as f:
-        json.dump(data, f, indent=1, sort_keys=True)
-    os.replace(tmp, path)
+    write_json_atomic(path, data)

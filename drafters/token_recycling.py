@@ -40,7 +40,7 @@ from dataclasses import dataclass
 
 import torch
 
-from specdec.budget import ForwardCosts, best_first_order, choose_budget, forward_costs
+from specdec.budget import ForwardCosts, best_nodes, forward_costs
 from specdec.drafters import register_drafter
 from specdec.drafters.base import Drafter
 from specdec.drafters.prompt_lookup import lookup_continuations
@@ -116,8 +116,16 @@ class TokenRecyclingDrafter(Drafter):
         per_token = torch.tensor([PRIOR_LOOKUP[min(n, len(PRIOR_LOOKUP)) - 1]
                                   for n in range(1, self.config.lookup_ngram + 1)], dtype=torch.float64)
         self.lookup_prior = per_token[:, None] ** torch.arange(1, depth + 1, dtype=torch.float64)  # [G, D]
-        self._pool_parents = torch.cat([tpl.parents, torch.arange(tpl.size - 1, tpl.size - 1 + depth)])  # [N+D]
-        self._pool_parents[tpl.size:tpl.size + 1] = -1  # the chain hangs below the root
+        # The candidate pool: the template's N nodes, then the lookup chain's D nodes (node N + j at depth j + 1).
+        n_tpl, width = tpl.size, max(tpl.path_nodes.shape[1], depth)
+        chain = torch.arange(n_tpl, n_tpl + depth)  # [D]
+        self._pool_parents = torch.cat([tpl.parents, chain - 1])  # [N+D]
+        self._pool_parents[n_tpl:n_tpl + 1] = -1  # the chain hangs below the root
+        self._pool_depths = torch.cat([tpl.depths, chain - n_tpl + 1])  # [N+D]
+        chain_paths = torch.where(chain[None, :] <= chain[:, None], chain[None, :], -1)  # [D, D]
+        self._pool_path_nodes = torch.cat([  # [N+D, W] pool node at depth 1..W on each node's path, -1 past it
+            torch.nn.functional.pad(tpl.path_nodes, (0, width - tpl.path_nodes.shape[1]), value=-1),
+            torch.nn.functional.pad(chain_paths, (0, width - depth), value=-1)])
         self._start = (torch.zeros(self.vocab_size, self.config.k, dtype=torch.long, device=dev),
                        torch.zeros(self.vocab_size, dtype=torch.bool, device=dev))
         self.draft_seconds = 0.0  # running mean of propose + observe time, charged to every tree size
@@ -127,10 +135,10 @@ class TokenRecyclingDrafter(Drafter):
     def _reset(self) -> None:
         self.matrix = self._start[0].clone()  # LongTensor [V, k]: A[w] = candidates after w, best first
         self.written = self._start[1].clone()  # BoolTensor [V]: rows that hold candidates
-        self.from_context = torch.zeros_like(self.written)  # BoolTensor [V]: rows seeded from the prompt, not the target
+        self.from_context = torch.zeros_like(self.written)  # BoolTensor [V]: rows seeded from the prompt
         self.estimates = self.prior.clone()  # FloatTensor [N] (float64, CPU): P(template node on the emitted path)
         self.lookup_estimates = self.lookup_prior.clone()  # [G, D]: P(chain prefix of depth d emitted | n-gram n)
-        self._last: tuple | None = None  # root, filled template, valid, lookup chain, its n-gram size
+        self._last: tuple | None = None  # root, pool tokens, usable pool nodes, n-gram size of the lookup chain
         self._propose_seconds = 0.0
 
     def begin(self, state: DecodeState) -> None:
@@ -176,20 +184,22 @@ class TokenRecyclingDrafter(Drafter):
         pool_tokens = torch.cat([tokens, torch.nn.functional.pad(chain, (0, depth - chain.numel()))])  # [N+D]
         pool_valid = torch.cat([valid, torch.arange(depth) < chain.numel()])  # [N+D]
         chain_values = self.lookup_estimates[ngram - 1] if ngram else torch.zeros(depth, dtype=torch.float64)
-        order, values = best_first_order(torch.cat([self.estimates, chain_values]), self._pool_parents)
-        usable = pool_valid[order]
-        order, values = order[usable], values[usable]
-        if self.config.budget == "auto":
-            n = choose_budget(values, self.costs, self.draft_seconds)
-        else:
-            n = min(int(self.config.budget), order.numel())
-        chosen = order[:n].sort().values  # template (breadth first), then chain: topological
-        tree_tokens, parents = self._merge(chosen, pool_tokens)
+        budget = None if self.config.budget == "auto" else int(self.config.budget)
+        keep = best_nodes(torch.cat([self.estimates, chain_values]), self._pool_parents, self.costs,
+                          self.draft_seconds, budget, pool_valid)  # [n]
+        # token paths of the kept nodes; from_paths merges a chain node into a kept template node with its path
+        paths = self._path_tokens(pool_tokens)[keep].tolist()
+        tree = DraftTree.from_paths([p[:d] for p, d in zip(paths, self._pool_depths[keep].tolist())], device=dev)
 
-        self.tree_budget = tree_tokens.numel()  # n, less chain nodes that share a template node's slot
-        self._last = (root, tokens, valid, chain, ngram)
+        self.tree_budget = tree.size  # the kept nodes, less chain nodes that share a template node's slot
+        self._last = (root, pool_tokens, pool_valid, ngram)
         self._propose_seconds = time.perf_counter() - t0
-        return DraftTree(tree_tokens.to(dev), parents.to(dev))
+        return tree
+
+    def _path_tokens(self, pool_tokens: torch.Tensor) -> torch.Tensor:
+        """LongTensor [N+D, W]: the tokens on the path to each pool node (depth 1 first), -1 past its depth."""
+        nodes = self._pool_path_nodes
+        return torch.where(nodes >= 0, pool_tokens[nodes.clamp(min=0)], -1)
 
     def _lookup(self, state: DecodeState) -> tuple[torch.Tensor, int]:
         """The lookup branch: LongTensor [c] (CPU) continuing the latest earlier match of the last n-gram, and n."""
@@ -200,26 +210,6 @@ class TokenRecyclingDrafter(Drafter):
         if not paths:
             return torch.zeros(0, dtype=torch.long), 0
         return torch.tensor(paths[0], dtype=torch.long), n
-
-    def _merge(self, chosen: torch.Tensor, pool_tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Tokens [n'] and parents [n'] of the tree over the chosen pool nodes, a chain node that repeats a chosen
-        sibling's token sharing that sibling's slot (and its descendants following it)."""
-        n_tpl = self.template.size
-        slot_of: dict[int, int] = {}  # pool index -> tree node
-        by_edge: dict[tuple[int, int], int] = {}  # (tree parent, token) -> tree node
-        tokens: list[int] = []
-        parents: list[int] = []
-        pool_parents = self._pool_parents[chosen].tolist()
-        for i, p, tok in zip(chosen.tolist(), pool_parents, pool_tokens[chosen].tolist()):
-            parent = slot_of[p] if p >= 0 else -1
-            if i >= n_tpl and (parent, tok) in by_edge:
-                slot_of[i] = by_edge[(parent, tok)]
-                continue
-            slot_of[i] = len(tokens)
-            by_edge.setdefault((parent, tok), len(tokens))
-            tokens.append(tok)
-            parents.append(parent)
-        return torch.tensor(tokens, dtype=torch.long), torch.tensor(parents, dtype=torch.long)
 
     def _valid_nodes(self, tokens: torch.Tensor, row_written: torch.Tensor, max_depth: int) -> torch.Tensor:
         """BoolTensor [N] (CPU): nodes worth verifying: on their whole path, every node's parent row is written, no
@@ -236,7 +226,7 @@ class TokenRecyclingDrafter(Drafter):
         t0 = time.perf_counter()
         if self._last is None:
             return
-        root, filled, valid, chain, ngram = self._last
+        root, pool_tokens, pool_valid, ngram = self._last
         n = outcome.tree.size
         assert outcome.target_logits.shape[0] >= n + 1, "target_logits must cover [root, nodes]"
         slot_tokens = torch.cat([root, outcome.tree.tokens.to(root.device)])  # [n+1]
@@ -248,38 +238,26 @@ class TokenRecyclingDrafter(Drafter):
         self.matrix[slot_tokens] = top[last]
         self.written[slot_tokens] = True
         self.from_context[slot_tokens] = False
-        emitted = outcome.result.tokens.cpu()
-        self._update_estimates(filled, valid, emitted)
-        if ngram:
-            self._update_lookup_estimates(chain, ngram, emitted)
+        self._update_estimates(pool_tokens, pool_valid, ngram, outcome.result.tokens.cpu())
         self._last = None
         spent = self._propose_seconds + time.perf_counter() - t0
         self.draft_seconds = spent if self.draft_seconds == 0.0 else 0.9 * self.draft_seconds + 0.1 * spent
 
-    def _update_estimates(self, filled: torch.Tensor, valid: torch.Tensor, emitted: torch.Tensor) -> None:
-        """Every valid template node whose fate this step reveals: hit if its path equals the first tokens the
-        step emitted (it would have been accepted), miss if it differs within them, unknown if it reaches past."""
-        tpl = self.template
-        m = min(emitted.numel(), tpl.path_nodes.shape[1])
-        path_tokens = torch.where(tpl.path_nodes >= 0, filled[tpl.path_nodes.clamp(min=0)], -1)[:, :m]  # [N, m]
-        on_path = torch.arange(m)[None, :] < tpl.depths[:, None]  # [N, m]
-        mismatch = ((path_tokens != emitted[None, :m]) & on_path).any(dim=1)  # [N]
-        hit = ~mismatch & (tpl.depths <= m)
-        known = (hit | mismatch) & valid
-        d = self.config.decay
-        self.estimates[known] = d * self.estimates[known] + (1.0 - d) * hit[known].double()
-
-    def _update_lookup_estimates(self, chain: torch.Tensor, ngram: int, emitted: torch.Tensor) -> None:
-        """Chain depth d is a hit if chain[:d] was emitted, a miss if it differs within the emitted tokens."""
-        c, m = chain.numel(), min(chain.numel(), emitted.numel())
-        agree = (chain[:m] == emitted[:m]).long().cumprod(0)  # [m] 1 while the prefix still matches
-        matched = int(agree.sum())  # depth of the longest emitted prefix of the chain
-        d = torch.arange(1, c + 1)
-        hit = d <= matched
-        miss = (d > matched) & (matched < m)  # the chain left the emitted tokens at depth matched + 1 <= m
-        known = hit | miss
-        est = self.lookup_estimates[ngram - 1, :c]
-        est[known] = self.config.decay * est[known] + (1.0 - self.config.decay) * hit[known].double()
+    def _update_estimates(self, pool_tokens: torch.Tensor, usable: torch.Tensor, ngram: int,
+                          emitted: torch.Tensor) -> None:
+        """Every usable pool node whose fate this step reveals: hit if its path equals the first tokens the step
+        emitted (it would have been accepted), miss if it differs within them, unknown if it reaches past them.
+        Template nodes update their own estimates, lookup-chain nodes those of their n-gram size and depth."""
+        m = min(emitted.numel(), self._pool_path_nodes.shape[1])
+        depths = self._pool_depths
+        on_path = torch.arange(m)[None, :] < depths[:, None]  # [P, m]
+        mismatch = ((self._path_tokens(pool_tokens)[:, :m] != emitted[None, :m]) & on_path).any(dim=1)  # [P]
+        hit = ~mismatch & (depths <= m)
+        known = (hit | mismatch) & usable
+        n_tpl, d = self.template.size, self.config.decay
+        for est, k, h in ((self.estimates, known[:n_tpl], hit[:n_tpl]),
+                          (self.lookup_estimates[max(ngram, 1) - 1], known[n_tpl:], hit[n_tpl:])):
+            est[k] = d * est[k] + (1.0 - d) * h[k].double()
 
     # ------------------------------------------------------------------ persistence
     def save(self, path) -> None:

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 import time
 import weakref
 from dataclasses import dataclass
@@ -23,7 +22,8 @@ from pathlib import Path
 import torch
 
 from specdec.errors import InvalidInputError
-from specdec.runner import CausalLMRunner
+from specdec.files import write_json_atomic
+from specdec.runner import CausalLMRunner, text_config
 
 DEFAULT_SIZES = (1, 2, 4, 8, 16, 32, 64)
 CACHE_FILE = "forward_costs.json"
@@ -116,6 +116,28 @@ def best_first_order(values: torch.Tensor, parents: torch.Tensor) -> tuple[torch
     return order, v[order]
 
 
+def best_nodes(values: torch.Tensor, parents: torch.Tensor, costs: "ForwardCosts | None" = None,
+               draft_seconds: float = 0.0, budget: int | None = None,
+               usable: torch.Tensor | None = None) -> torch.Tensor:
+    """LongTensor [k] (ascending, so topological): the nodes of a candidate tree that a draft keeps.
+
+    The nodes (``values`` [n], ``parents`` [n] as in :func:`best_first_order`) are taken best first, without those
+    not ``usable`` [n] (bool; a node may be usable only where its parent is), and the first k are kept: k =
+    ``budget`` when given (at most the usable count), else the :func:`choose_budget` count under ``costs``.
+    """
+    order, ordered = best_first_order(values, parents)
+    if usable is not None:
+        keep = usable[order]
+        order, ordered = order[keep], ordered[keep]
+    if budget is not None:
+        k = min(int(budget), order.numel())
+    elif costs is None:
+        raise InvalidInputError("best_nodes needs the target's forward costs when no fixed budget is given")
+    else:
+        k = choose_budget(ordered, costs, draft_seconds)
+    return order[:k].sort().values
+
+
 # ---------------------------------------------------------------------------------------------- measuring
 def measure_forward_costs(model: torch.nn.Module, sizes: tuple[int, ...] = DEFAULT_SIZES, context: int = 256,
                           repeats: int = 3) -> ForwardCosts:
@@ -161,7 +183,7 @@ def measure_forward_costs(model: torch.nn.Module, sizes: tuple[int, ...] = DEFAU
 
 def cost_key(model: torch.nn.Module, sizes: tuple[int, ...] = DEFAULT_SIZES, context: int = 256) -> str:
     """What the cost of a forward depends on: the model, its device and dtype, torch's threads, the measurement."""
-    config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    config = text_config(model)
     weight = model.get_input_embeddings().weight
     device = str(weight.device)
     if weight.device.type == "cuda":
@@ -199,7 +221,7 @@ def forward_costs(model: torch.nn.Module, cache_dir: "str | os.PathLike | None" 
     if costs is None:
         costs = measure_forward_costs(model, sizes, context)
         table[key] = {"sizes": list(costs.sizes), "seconds": list(costs.seconds)}
-        _write_table(path, table)
+        write_json_atomic(path, table)
     remembered[key] = costs
     return costs
 
@@ -211,15 +233,3 @@ def _read_table(path: Path) -> dict:
         return {}
     return table if isinstance(table, dict) else {}
 
-
-def _write_table(path: Path, table: dict) -> None:
-    """Atomic write: another process reading the file sees the old table or the new one."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".forward_costs.", suffix=".json")
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(table, f, indent=1, sort_keys=True)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise

@@ -34,7 +34,7 @@ from dataclasses import dataclass
 import torch
 
 from specdec.errors import IncompatibleModelsError, InvalidInputError
-from specdec.runner import CausalLMRunner, within_window
+from specdec.runner import CausalLMRunner, text_config, within_window
 from specdec.sampling import SamplingConfig, drafter_logits, seen_mask
 
 
@@ -121,7 +121,7 @@ class LayerSkipRunner:
         self.model = model
         self.base = base
         self.lm_head = model.get_output_embeddings()
-        config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+        config = text_config(model)
         self.num_layers = len(base.layers)
         first = base.layers[0]
         self.sandwich = hasattr(first, "pre_feedforward_layernorm")  # Gemma 2/3 norm placement
@@ -243,7 +243,8 @@ def draft_chain(runner: LayerSkipRunner, plan: SkipPlan, target: CausalLMRunner,
     probs_rows, id_rows = [], []
     for d in range(max_depth):
         logits = runner.forward(plan, token, torch.tensor([target.length + d], device=dev), kv)  # [1, V]
-        top_p, top_i = drafter_logits(logits, sampling, seen).softmax(dim=-1).topk(min(top_c, logits.shape[-1]), dim=-1)  # [1, c]
+        probs = drafter_logits(logits, sampling, seen).softmax(dim=-1)  # [1, V]
+        top_p, top_i = probs.topk(min(top_c, logits.shape[-1]), dim=-1)  # [1, c]
         probs_rows.append(top_p)
         id_rows.append(top_i)
         token = top_i[:, 0]

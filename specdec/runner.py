@@ -33,12 +33,18 @@ def within_window(full: torch.Tensor, positions: torch.Tensor, key_positions: to
     return full & near[None, None]
 
 
+def text_config(model: torch.nn.Module):
+    """The config of the text decoder: ``model.config`` itself, or its text part for multimodal configs."""
+    config = model.config
+    return config.get_text_config() if hasattr(config, "get_text_config") else config
+
+
 class CausalLMRunner:
     """Feeds tokens to ``model`` on top of its cache. Batch size 1 for now; tensors keep the batch dimension."""
 
     def __init__(self, model: torch.nn.Module):
         self.model = model
-        config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+        config = text_config(model)
         self.config = config
         self.vocab_size = int(model.get_input_embeddings().weight.shape[0])
         self.layer_types: list[str] | None = list(getattr(config, "layer_types", None) or []) or None
@@ -118,7 +124,8 @@ class CausalLMRunner:
 
     # ------------------------------------------------------------------ cache edits
     def commit(self, base: int, keep: torch.Tensor) -> None:
-        """Keep cache slots ``base + keep`` (increasing indices, relative to ``base``) right after ``base``; drop the rest.
+        """Keep cache slots ``base + keep`` (increasing indices, relative to ``base``) right after ``base``; drop
+        the rest.
 
         ``keep`` indexes the tokens fed since the cache held ``base`` tokens.
         """

@@ -115,7 +115,8 @@ def test_sampling_benchmark_is_seeded_and_skips_exactness(tmp_path):
     summary = summarize(runs[0], assisted=None, sampled=True)
     assert summary["rejection-chain"]["identical"] is None and not runs[0][0].divergence
     assert "n/a (sampled)" in format_table(summary)
-    assert json.loads(write_outputs(tmp_path, {}, summary, runs[0])["json"].read_text())["records"][0]["identical"] is None
+    written = json.loads(write_outputs(tmp_path, {}, summary, runs[0])["json"].read_text())
+    assert written["records"][0]["identical"] is None
 
 
 def test_pooled_speedup_divides_all_tokens_by_all_seconds():

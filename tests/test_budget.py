@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from specdec import budget
-from specdec.budget import ForwardCosts, best_first_order, choose_budget, forward_costs, measure_forward_costs
+from specdec.budget import (ForwardCosts, best_first_order, best_nodes, choose_budget, forward_costs,
+                            measure_forward_costs)
 from specdec.errors import InvalidInputError
 from tiny_models import tiny_model
 
@@ -82,6 +83,22 @@ def test_best_first_order_caps_children_and_keeps_parents_first():
 
 
 # ------------------------------------------------------------------ measuring and caching
+def test_best_nodes_keeps_a_best_first_prefix_of_the_usable_nodes():
+    parents = torch.tensor([-1, -1, 0, 0, 1, 2])  # the tree above; best-first order 0, 2, 5, 1, 4, 3
+    values = torch.tensor([0.5, 0.2, 0.7, 0.1, 0.3, 0.6])
+    assert best_nodes(values, parents, budget=3).tolist() == [0, 2, 5]
+    assert best_nodes(values, parents, budget=99).tolist() == [0, 1, 2, 3, 4, 5]
+    usable = torch.tensor([True, True, False, True, True, False])  # node 2 and its child 5 out
+    assert best_nodes(values, parents, budget=3, usable=usable).tolist() == [0, 1, 4]
+    # flat costs: every node worth something is taken; steep costs: none
+    flat = ForwardCosts((1, 64), (1.0, 1.0))
+    assert best_nodes(values, parents, flat).tolist() == [0, 1, 2, 3, 4, 5]
+    steep = ForwardCosts((1, 2), (1.0, 10.0))
+    assert best_nodes(values, parents, steep).tolist() == []
+    with pytest.raises(InvalidInputError, match="forward costs"):
+        best_nodes(values, parents)
+
+
 def test_measure_forward_costs_on_a_tiny_model():
     costs = measure_forward_costs(tiny_model("llama"), sizes=(1, 4, 16), context=32, repeats=1)
     assert costs.sizes == (1, 4, 16)

@@ -127,6 +127,16 @@ def test_layer_set_file_round_trip(tmp_path):
     assert load_layer_set(path, "m", "chat") == SkipPlan(frozenset(), frozenset({4}))
     assert load_layer_set(path, "other", "code") is None
     assert json.load(open(path))["m"]["code"] == {"skip_attention": [1, 3], "skip_mlp": [2], "matchness": 0.9}
+    assert [f.name for f in (tmp_path / "sets").iterdir()] == ["skip_layers.json"]  # no temporary file left
+
+
+def test_a_damaged_layer_set_file_is_a_clear_error(tmp_path):
+    path = tmp_path / "skip_layers.json"
+    path.write_text("{not json")
+    with pytest.raises(InvalidInputError, match="cannot read the layer-set file"):
+        load_layer_set(str(path), "m", "code")
+    with pytest.raises(InvalidInputError, match="cannot read the layer-set file"):
+        save_layer_set(str(path), "m", "code", SkipPlan(frozenset({1}), frozenset()))
 
 
 def test_found_set_is_saved_and_a_loaded_set_skips_the_search(tmp_path):

@@ -8,8 +8,8 @@ from pathlib import Path
 
 from specdec.bench.run import PromptResult
 
-COLUMNS = ("method", "tok/s", "speedup", "vs HF assisted", "pooled speedup", "tau", "identical", "near-ties", "budget", "draft ms/step",
-           "draft s", "verify s")
+COLUMNS = ("method", "tok/s", "speedup", "vs HF assisted", "pooled speedup", "tau", "identical", "near-ties", "budget",
+           "draft ms/step", "draft s", "verify s")
 
 
 def table_rows(summary: dict) -> list[list[str]]:
@@ -81,7 +81,8 @@ def _markdown(setup: dict, summary: dict) -> str:
         cells = []
         for c in cats:
             ce = e["by_category"].get(c)
-            cells.append("-" if ce is None else f"{ce['speedup']:.2f}x" + (f" / {ce['tau']:.2f}" if "tau" in ce else ""))
+            cells.append("-" if ce is None
+                         else f"{ce['speedup']:.2f}x" + (f" / {ce['tau']:.2f}" if "tau" in ce else ""))
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     lines += ["", "## Acceptance rate by draft depth", ""]
     for name, e in summary.items():

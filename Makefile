@@ -1,18 +1,26 @@
 # Two entry points that set up a fresh machine themselves:
 #   make demo  - venv, install, fetch the default real models, short benchmark on the default preset
 #   make test  - venv, install with test extras, the whole test suite
+# Every install goes through constraints.txt (the exact versions the suite passed with), build dependencies
+# included (PIP_CONSTRAINT reaches pip's isolated build environments too).
+# Other targets: make test-latest (fresh venv, newest versions pyproject allows, whole suite), make wheel-smoke
+# (build the wheel, install it outside the checkout, run the CLI on a tiny model), make lock (refresh the lock).
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.specdec-installed
+CONSTRAINTS := $(CURDIR)/constraints.txt
+PIP := PIP_CONSTRAINT=$(CONSTRAINTS) $(PY) -m pip
+LATEST := .venv-latest
+TORCH := torch==2.13.0
 
-.PHONY: demo test bench install clean
+.PHONY: demo test bench install test-latest wheel-smoke lock clean
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet torch==2.13.0
-	$(PY) -m pip install --quiet -e ".[test,bench]"
+	$(PIP) install --quiet --upgrade pip
+	$(PIP) install --quiet $(TORCH)
+	$(PIP) install --quiet -e ".[test,bench]"
 	touch $(STAMP)
 
 install: $(STAMP)
@@ -27,5 +35,26 @@ demo: $(STAMP)
 bench: $(STAMP)
 	$(VENV)/bin/specdec bench --config qwen-coder-pair --output results/latest
 
+# A fresh venv with the newest versions pyproject.toml allows (no lock), then the whole suite: run it whenever the
+# registries may have moved. Prints the versions it got.
+test-latest:
+	rm -rf $(LATEST)
+	$(PYTHON) -m venv $(LATEST)
+	$(LATEST)/bin/python -m pip install --quiet --upgrade pip
+	$(LATEST)/bin/python -m pip install --quiet "torch>=2.13,<2.14"
+	$(LATEST)/bin/python -m pip install --quiet --upgrade --upgrade-strategy eager -e ".[test,bench]"
+	$(LATEST)/bin/python -m pip list 2>/dev/null | grep -iE "^(torch|transformers|tokenizers|accelerate|gguf|numpy|safetensors|huggingface.hub|matplotlib|pytest) "
+	$(LATEST)/bin/python -m pytest
+
+# The wheel as a user gets it: built here, installed into a fresh venv outside the checkout, run from outside it.
+wheel-smoke: $(STAMP)
+	bash .ci/wheel_smoke.sh $(PY) $(CONSTRAINTS)
+
+# Rewrite constraints.txt from the test venv (after changing pyproject.toml and passing make test).
+lock: $(STAMP)
+	$(PY) -m pip freeze --all --exclude-editable | sed 's/+cpu$$//' | grep -v '^specdec' > constraints.body
+	head -4 constraints.txt > constraints.head && cat constraints.head constraints.body > constraints.txt
+	rm -f constraints.head constraints.body
+
 clean:
-	rm -rf $(VENV) results .pytest_cache
+	rm -rf $(VENV) $(LATEST) results .pytest_cache dist build

@@ -1,7 +1,7 @@
 """DEL: self-speculation by early exit, with the exit layer and draft length chosen every round from shadow tokens.
 
 Zarch, Gao, Jiang, Annavaram, "DEL: Context-Aware Dynamic Exit Layer for Efficient Self-Speculative Decoding"
-(COLM 2025, arXiv 2504.05598; algorithms.md §8):
+(COLM 2025, arXiv 2504.05598; docs/drafters.md#del):
 
 - draft = the target's first E layers, then its final norm and LM head (``SkipPlan(exit_layer=E)`` of
   ``specdec.layer_skip``), a top-1 chain on a draft KV overlay over the target's committed cache;
@@ -22,9 +22,9 @@ Where we differ from the paper:
 - verification is the full, unmodified target over [root, draft]: it does not reuse the draft's KV or activations
   of the first E layers (LayerSkip's "cache reuse"), so it costs L layers whatever E is. The cost model says so:
   L + h for verification, growing by a fraction ``verify_growth`` per verified token (a bf16 forward over 8
-  tokens costs ~1.17x one token on this CPU, models.md), where h is the LM head in layer units (``head_cost``;
-  by default its parameter count over one decoder layer's: ~5 for Qwen2.5-1.5B, whose 151,936 x 1536 head
-  outweighs five layers) and each draft token costs E + h;
+  tokens costs ~1.17x one token on this CPU, docs/models.md), where h is the LM head in layer units
+  (``head_cost``; by default its parameter count over one decoder layer's: ~5 for Qwen2.5-1.5B, whose
+  151,936 x 1536 head outweighs five layers) and each draft token costs E + h;
 - shadow tokens are costly here: the LM head over every layer's states would cost about a forward on this CPU,
   so they are computed only for the candidate exits (by default every 2nd layer of the upper half) and at most
   ``shadow_positions`` verified positions per step (the root and the accepted nodes, whose next tokens are

@@ -1,7 +1,7 @@
 """SWIFT: the target drafts for itself with some attention and MLP sub-layers skipped, the set found on the fly.
 
 Xia et al., "SWIFT: On-the-Fly Self-Speculative Decoding for LLM Inference Acceleration" (ICLR 2025,
-arXiv 2410.06916; algorithms.md §7). No training and no extra model:
+arXiv 2410.06916; docs/drafters.md#swift). No training and no extra model:
 
 - draft model = the target with k = int(2(L - 2) * skip_ratio) of its attention/MLP sub-layers made residual
   passthroughs, never in the first or last layer (``specdec.layer_skip``); it reads the target's committed KV and
@@ -16,8 +16,9 @@ arXiv 2410.06916; algorithms.md §7). No training and no extra model:
   top-1 probability (greedy: > 0.95 -> 3, > 0.8 -> 5, > 0.5 -> 8, else 10; sampling: 1, 3, 5, 10).
 Drafts carry no distribution (POINT_MASS trees), so ``verifier="rejection"`` samples losslessly.
 
-Where we differ from the paper, for this CPU (models.md: a 1.5B bf16 forward costs ~0.2 s for 1 token, ~0.35 s
-for 16 and ~0.49 s for 32, and one matchness evaluation costs about as much as a decoding step):
+Where we differ from the paper, for this CPU (docs/models.md#what-a-forward-costs-on-a-cpu: a 1.5B bf16 forward
+costs ~0.2 s for 1 token, ~0.35 s for 16 and ~0.49 s for 32, and one matchness evaluation costs about as much as a
+decoding step):
 - the search is budgeted: ``iterations_per_step`` = 1 evaluation after each step (paper: 1), at most
   ``max_iterations`` = 40 in total (paper: 1000), ``patience`` = 20 without improvement (paper: 300), a 16-token
   ``window`` (paper: 32, its scripts 50), a GP proposal every 5th evaluation (paper: every 25th) and local random

@@ -51,6 +51,7 @@ def build_parser() -> argparse.ArgumentParser:
     tri.add_argument("--output", required=True, help="the table file to write (.npz)")
     tri.add_argument("--top", type=int, default=12, help="successors kept per bigram context (default 12)")
     tri.add_argument("--no-progress", action="store_true")
+    sub.add_parser("presets", help="list the shipped presets (--config NAME) with their models and drafter entries")
     return parser
 
 
@@ -115,10 +116,10 @@ def _load(models, name: str, dtype):
 def cmd_bench(cfg: dict, progress: bool) -> int:
     import torch
 
-    from specdec.bench import prompts as P
-    from specdec.bench.methods import build_method, sampling_of
-    from specdec.bench.report import format_table, write_outputs
-    from specdec.bench.run import run_benchmark, summarize
+    from specdec.benchmarks import prompts as P
+    from specdec.benchmarks.methods import build_method, sampling_of
+    from specdec.benchmarks.report import format_table, write_outputs
+    from specdec.benchmarks.run import run_benchmark, summarize
 
     if cfg.get("threads"):
         torch.set_num_threads(int(cfg["threads"]))
@@ -160,8 +161,8 @@ def cmd_generate(cfg: dict, args: argparse.Namespace) -> int:
     from transformers import TextStreamer
 
     from specdec import SpecEngine
-    from specdec.bench.methods import build_method
-    from specdec.bench.prompts import Prompt, encode
+    from specdec.benchmarks.methods import build_method
+    from specdec.benchmarks.prompts import Prompt, encode
 
     if cfg.get("threads"):
         torch.set_num_threads(int(cfg["threads"]))
@@ -206,11 +207,23 @@ def cmd_trigrams(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_presets() -> int:
+    from specdec.presets import available_presets
+
+    for name in available_presets():
+        cfg = load_preset(name)
+        entries = ", ".join(cfg.get("drafters") or {}) or "-"
+        print(f"{name}: target {cfg.get('target')}, draft {cfg.get('draft') or '-'}; drafters: {entries}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         if args.command == "trigrams":
             return cmd_trigrams(args)
+        if args.command == "presets":
+            return cmd_presets()
         cfg = settings(args)
         if args.command == "bench":
             return cmd_bench(cfg, progress=not args.no_progress)

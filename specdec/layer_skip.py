@@ -14,9 +14,10 @@ does, so no model file is patched and nothing is attached to the model:
 with the model's own embedding (Gemma's scaled one), rotary embeddings (per layer type for Gemma), final norm, LM
 head and final logit soft-capping where configured. A skipped sub-layer is a residual passthrough.
 
-KV: the engine's target cache (a ``CausalLMRunner``) is only read. A ``DraftKV`` serves the attention modules
-through the cache protocol they call (``update(key, value, layer_idx)``), returning the layer's committed prefix
-K/V followed by the K/V of the draft tokens fed so far, which it keeps itself; it is dropped after the proposal.
+KV: the engine's target cache (a ``CausalLMRunner``) is only read. A ``DraftKV`` (a ``transformers.Cache`` whose
+layers are ``DynamicLayer`` s) serves the attention modules through the library's own ``Cache.update``, returning
+the layer's committed prefix K/V followed by the K/V of the draft tokens fed so far, which it keeps itself; it is
+dropped after the proposal.
 A skipped attention sub-layer writes nothing, so key lengths can differ between layers and every layer gets a
 mask for its own keys: the runner's conventions (4D bool, True = may attend; sliding-window layers additionally
 limited by slot positions), built from the same tensors, so running every sub-layer gives logits bitwise equal
@@ -32,9 +33,10 @@ import inspect
 from dataclasses import dataclass
 
 import torch
+from transformers.cache_utils import Cache, CacheLayerMixin, DynamicLayer
 
 from specdec.errors import IncompatibleModelsError, InvalidInputError
-from specdec.runner import CausalLMRunner, text_config, within_window
+from specdec.runner import CausalLMRunner, cache_argument, text_config, within_window
 from specdec.sampling import SamplingConfig, drafter_logits, seen_mask
 
 
@@ -63,12 +65,29 @@ class SkipPlan:
         return num_layers if self.exit_layer is None else self.exit_layer
 
 
-class DraftKV:
+class _OverlayLayer(DynamicLayer):
+    """One layer of a :class:`DraftKV`: the library's own growing layer for the draft tokens, whose ``update``
+    returns the target layer's committed prefix followed by them."""
+
+    def __init__(self, prefix: CacheLayerMixin, prefix_len: int):
+        super().__init__()
+        self.prefix = prefix  # the target cache's layer, only read
+        self.prefix_len = prefix_len
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        keys, values = super().update(key_states, value_states, *args, **kwargs)  # the overlay, [1, h, m, hd]
+        return (torch.cat([self.prefix.keys[:, :, :self.prefix_len], keys], dim=-2),
+                torch.cat([self.prefix.values[:, :, :self.prefix_len], values], dim=-2))
+
+
+class DraftKV(Cache):
     """The cache a partial forward hands to the attention modules: committed prefix (read-only) + draft overlay.
 
+    A ``transformers.Cache`` of :class:`_OverlayLayer` s, so the attention modules call the library's own
+    ``Cache.update`` with whatever arguments their version passes.
     prefix: the first ``prefix_len`` slots of the target runner's cache, shared with it and never written.
-    overlay: per layer, K/V [1, kv_heads, m_i, head_dim] and positions [m_i] of the draft tokens whose pass ran
-    that layer's attention (m_i differs between layers when a plan skips attention or exits early).
+    overlay: per layer, K/V [1, kv_heads, m_i, head_dim] (in ``layers[i]``) and positions [m_i] of the draft tokens
+    whose pass ran that layer's attention (m_i differs between layers when a plan skips attention or exits early).
     """
 
     def __init__(self, target: CausalLMRunner, prefix_len: int | None = None):
@@ -77,13 +96,11 @@ class DraftKV:
         prefix_len = target.length if prefix_len is None else prefix_len
         if not 0 < prefix_len <= target.length:
             raise InvalidInputError(f"prefix_len must be in [1, {target.length}], got {prefix_len}")
-        self.cache = target.cache
+        super().__init__(layers=[_OverlayLayer(layer, prefix_len) for layer in target.cache.layers])
+        self.target_cache = target.cache
         self.prefix_len = prefix_len
         self.prefix_positions = target.slot_positions[:prefix_len]  # [prefix_len]
-        num_layers = len(target.cache.layers)
-        self.keys: list[torch.Tensor | None] = [None] * num_layers
-        self.values: list[torch.Tensor | None] = [None] * num_layers
-        self.positions: list[torch.Tensor] = [self.prefix_positions[:0]] * num_layers
+        self.positions: list[torch.Tensor] = [self.prefix_positions[:0]] * len(self.layers)
         self._feeding: torch.Tensor | None = None  # positions [n] of the tokens of the pass in progress
 
     def overlay_len(self, layer: int) -> int:
@@ -92,20 +109,11 @@ class DraftKV:
     def begin_pass(self, positions: torch.Tensor) -> None:
         self._feeding = positions
 
-    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int,
-               cache_kwargs: dict | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """HF cache protocol: keep the new K/V [1, kv_heads, n, head_dim]; return prefix + overlay K/V of the layer."""
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args, **kwargs):
+        """Keep the new K/V [1, kv_heads, n, head_dim]; return prefix + overlay K/V of the layer."""
         assert self._feeding is not None and key_states.shape[-2] == self._feeding.numel()
-        if self.keys[layer_idx] is None:
-            self.keys[layer_idx], self.values[layer_idx] = key_states, value_states
-        else:
-            self.keys[layer_idx] = torch.cat([self.keys[layer_idx], key_states], dim=-2)
-            self.values[layer_idx] = torch.cat([self.values[layer_idx], value_states], dim=-2)
         self.positions[layer_idx] = torch.cat([self.positions[layer_idx], self._feeding])
-        prefix = self.cache.layers[layer_idx]
-        keys = torch.cat([prefix.keys[:, :, :self.prefix_len], self.keys[layer_idx]], dim=-2)
-        values = torch.cat([prefix.values[:, :, :self.prefix_len], self.values[layer_idx]], dim=-2)
-        return keys, values
+        return super().update(key_states, value_states, layer_idx, *args, **kwargs)
 
 
 class LayerSkipRunner:
@@ -133,6 +141,7 @@ class LayerSkipRunner:
         self.sliding_window: int | None = window if window and "sliding_attention" in self.layer_types else None
         self.rope_per_type = "layer_type" in inspect.signature(base.rotary_emb.forward).parameters
         self.softcap: float | None = getattr(config, "final_logit_softcapping", None)
+        self.cache_kwarg = cache_argument(first.self_attn)
 
     # ------------------------------------------------------------------ forwards
     def new_kv(self, target: CausalLMRunner, prefix_len: int | None = None) -> DraftKV:
@@ -149,7 +158,7 @@ class LayerSkipRunner:
         """
         n = tokens.numel()
         assert tokens.dim() == 1 and positions.shape == tokens.shape, "tokens and positions must be [n]"
-        dev = kv.cache.layers[0].keys.device
+        dev = kv.target_cache.layers[0].keys.device
         tokens, positions = tokens.to(dev), positions.to(dev)
         if mask is None:
             mask = torch.ones(n, n, dtype=torch.bool, device=dev).tril_()
@@ -191,7 +200,8 @@ class LayerSkipRunner:
                 if key not in masks:
                     masks[key] = self._mask(kv, i, positions, mask, sliding)
                 attn, _ = layer.self_attn(hidden_states=layer.input_layernorm(hidden), position_embeddings=rope[kind],
-                                          attention_mask=masks[key], past_key_values=kv, position_ids=position_ids)
+                                          attention_mask=masks[key], position_ids=position_ids,
+                                          **{self.cache_kwarg: kv})
                 if self.sandwich:
                     attn = layer.post_attention_layernorm(attn)
                 hidden = hidden + attn

@@ -1,33 +1,44 @@
-"""YAML presets in ``configs/``: every CLI flag can come from one, and flags override it."""
+"""YAML presets in ``configs/`` (installed as ``specdec.configs``): every CLI flag can come from one, and flags
+override it."""
 
 from __future__ import annotations
 
+from importlib import resources
 from pathlib import Path
 
 import yaml
 
 from specdec.errors import InvalidInputError, UnknownNameError
 
-CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
 DEFAULT_PRESET = "qwen-coder-pair"
 KEYS = {"target", "draft", "dtype", "threads", "max_new_tokens", "limit", "categories", "verifier", "baselines",
         "drafters", "prompts", "output", "chat", "do_sample", "temperature", "top_k", "top_p", "seed"}
 
 
+def _shipped() -> dict[str, object]:
+    """Preset name -> resource of every YAML file shipped in ``specdec.configs``, wherever it is installed."""
+    folder = resources.files("specdec.configs")
+    return {entry.name[:-5]: entry for entry in folder.iterdir() if entry.name.endswith(".yaml")}
+
+
 def available_presets() -> list[str]:
-    return sorted(p.stem for p in CONFIG_DIR.glob("*.yaml"))
+    return sorted(_shipped())
 
 
 def load_preset(name_or_path: str | None) -> dict:
     """Read a preset by name (``configs/NAME.yaml``) or path."""
     name_or_path = name_or_path or DEFAULT_PRESET
     path = Path(name_or_path)
-    if not path.suffix:
-        path = CONFIG_DIR / f"{name_or_path}.yaml"
-    if not path.exists():
-        raise UnknownNameError(f"unknown preset {name_or_path!r}; available presets: {', '.join(available_presets())}")
+    if path.suffix:
+        if not path.is_file():
+            raise InvalidInputError(f"preset file {path} does not exist")
+    else:
+        path = _shipped().get(name_or_path)
+        if path is None:
+            raise UnknownNameError(
+                f"unknown preset {name_or_path!r}; available presets: {', '.join(available_presets())}")
     try:
-        data = yaml.safe_load(path.read_text()) or {}
+        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
     except yaml.YAMLError as exc:
         raise InvalidInputError(f"{path}: not valid YAML ({exc})") from exc
     unknown = set(data) - KEYS

@@ -11,6 +11,7 @@ drops the rest: rollback is a slice, O(accepted) copies.
 
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass
 
 import torch
@@ -33,6 +34,15 @@ def within_window(full: torch.Tensor, positions: torch.Tensor, key_positions: to
     return full & near[None, None]
 
 
+def cache_argument(module: torch.nn.Module) -> str:
+    """The keyword under which ``module.forward`` takes its KV cache.
+
+    transformers 5.24 renamed ``past_key_values`` to ``cache`` (the old name still works there, with a FutureWarning,
+    until 5.40); 5.23 knows only ``past_key_values``. Read from the signature, so each version gets its own name.
+    """
+    return "cache" if "cache" in inspect.signature(module.forward).parameters else "past_key_values"
+
+
 def text_config(model: torch.nn.Module):
     """The config of the text decoder: ``model.config`` itself, or its text part for multimodal configs."""
     config = model.config
@@ -50,6 +60,7 @@ class CausalLMRunner:
         self.layer_types: list[str] | None = list(getattr(config, "layer_types", None) or []) or None
         self.sliding_window: int | None = getattr(config, "sliding_window", None)
         self.max_positions: int | None = getattr(config, "max_position_embeddings", None)
+        self.cache_kwarg = cache_argument(model)
         self.cache: DynamicCache | None = None
         self.length = 0  # tokens in the cache
         self.slot_positions = torch.zeros(0, dtype=torch.long)  # [length] position of each cache slot
@@ -101,10 +112,10 @@ class CausalLMRunner:
             input_ids=tokens[None],
             position_ids=positions[None],
             attention_mask=attn,
-            past_key_values=self.cache,
             use_cache=True,
             output_hidden_states=output_hidden_states,
             logits_to_keep=logits_to_keep,
+            **{self.cache_kwarg: self.cache},
         )
         self.length += tokens.numel()
         self.slot_positions = torch.cat([self.slot_positions.to(dev), positions])

@@ -4,7 +4,7 @@ The processors mean what they mean in HF ``generate`` (``transformers/generation
 the same order: the repetition penalty (greedy and sampling), then, only when sampling, temperature, top-k, top-p
 and min-p, each keeping at least one token. Every function works on ``[m, V]`` logits, one row per position, so
 a draft tree's slots are processed in one call. Speculative sampling compares the target's and the drafter's
-distributions only after both went through the same processors (algorithms.md §14).
+distributions only after both went through the same processors (docs/verifiers.md#processors).
 
 Randomness comes only from a passed ``torch.Generator`` (``uniform``, ``sample``); nothing here touches the global
 RNG.

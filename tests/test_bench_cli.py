@@ -8,10 +8,10 @@ import pytest
 import torch
 
 from specdec import SpecEngine
-from specdec.bench import prompts as P
-from specdec.bench.methods import HFGenerate, Sampling, SpecDecMethod
-from specdec.bench.report import format_table, write_outputs
-from specdec.bench.run import run_benchmark, summarize
+from specdec.benchmarks import prompts as P
+from specdec.benchmarks.methods import HFGenerate, Sampling, SpecDecMethod
+from specdec.benchmarks.report import format_table, write_outputs
+from specdec.benchmarks.run import run_benchmark, summarize
 from specdec.cli import main, select_drafters
 from specdec.drafters import create_drafter
 from specdec.errors import InvalidInputError, UnknownNameError
@@ -120,8 +120,8 @@ def test_sampling_benchmark_is_seeded_and_skips_exactness(tmp_path):
 
 
 def test_pooled_speedup_divides_all_tokens_by_all_seconds():
-    from specdec.bench.methods import RunRecord
-    from specdec.bench.run import PromptResult
+    from specdec.benchmarks.methods import RunRecord
+    from specdec.benchmarks.run import PromptResult
 
     def run(tokens, seconds):
         return RunRecord(torch.zeros(tokens, dtype=torch.long), seconds)
@@ -132,3 +132,10 @@ def test_pooled_speedup_divides_all_tokens_by_all_seconds():
     assert summary["fast"]["pooled_tokens_per_s"] == pytest.approx(110 / 30)
     assert summary["fast"]["pooled_speedup"] == pytest.approx(1.0)
     assert summary["fast"]["speedup"] == pytest.approx((5.0 + 0.2) / 2)  # the median of two per-prompt ratios
+
+
+def test_presets_command_lists_every_shipped_preset(capsys):
+    assert main(["presets"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert [line.split(":")[0] for line in lines] == available_presets()
+    assert any(line.startswith("qwen-coder-pair: target qwen2.5-coder-1.5b, draft qwen2.5-coder-0.5b") for line in lines)

@@ -160,3 +160,25 @@ def test_drafting_needs_a_filled_cache():
     model = tiny_model("llama")
     with pytest.raises(InvalidInputError, match="prefill"):
         LayerSkipRunner(model).new_kv(CausalLMRunner(model))
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_draft_overlay_is_a_library_cache_fed_through_each_familys_attention(arch):
+    """The overlay is a ``transformers.Cache`` of ``DynamicLayer`` s: each family's attention calls the library's own
+    ``update`` with whatever arguments its version passes (5.24 added ``kwargs=``), under the keyword its signature
+    names; any warning (a deprecated keyword) fails here."""
+    import inspect
+    import warnings
+
+    from transformers.cache_utils import Cache, DynamicLayer
+
+    model, target = _prefilled(arch)
+    skip = LayerSkipRunner(model)
+    kv = skip.new_kv(target)
+    assert isinstance(kv, Cache) and all(isinstance(layer, DynamicLayer) for layer in kv.layers)
+    assert skip.cache_kwarg in inspect.signature(model.model.layers[0].self_attn.forward).parameters
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        skip.forward(SkipPlan(), NEW[:2], torch.arange(P, P + 2), kv)
+    assert [layer.get_seq_length() for layer in kv.layers] == [2] * skip.num_layers  # the overlay holds only drafts
+    assert target.length == P and all(layer.keys.shape[-2] == P for layer in target.cache.layers)

@@ -152,3 +152,21 @@ def test_crop_before_any_forward_is_a_no_op():
     runner = CausalLMRunner(tiny_model("llama"))
     runner.crop(0)
     assert runner.cache is None and runner.length == 0
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_cache_goes_in_under_the_keyword_the_installed_transformers_takes(arch):
+    """transformers 5.24 renamed the forward's ``past_key_values`` to ``cache`` (5.23 has only the old name): the
+    runner reads the name from the signature, so no version warns (every warning is an error here) or drops the cache.
+    """
+    import inspect
+    import warnings
+
+    model = tiny_model(arch)
+    runner = CausalLMRunner(model)
+    assert runner.cache_kwarg in inspect.signature(model.forward).parameters
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        runner.prefill(_prompt())
+        runner.forward(torch.tensor([5]), torch.tensor([PROMPT_LEN]), torch.ones(1, 1, dtype=torch.bool))
+    assert runner.cache.get_seq_length() == PROMPT_LEN + 1  # the model wrote into our cache, not a new one

@@ -5,9 +5,9 @@ from q is *accepted* with probability min(1, p(x)/q(x)); at the first rejection 
 token drawn from norm(max(0, p - q)); when the whole path is accepted it ends with a *bonus* token drawn from p at
 the leaf. The emitted tokens are distributed exactly as sampling from p token by token.
 
-Trees (algorithms.md §10.4): at an accepted node the children are tried in turn, the first accepted one becomes the
-next node, and after every rejection the target distribution is replaced by the residual. The update depends on
-how the drafter chose the children (``tree.proposal``):
+Trees (docs/verifiers.md#rejection): at an accepted node the children are tried in turn, the first accepted one
+becomes the next node, and after every rejection the target distribution is replaced by the residual. The update
+depends on how the drafter chose the children (``tree.proposal``):
 
   IID                  SpecInfer's multi-step speculative sampling (Miao et al. 2024, arXiv 2305.09781): accept
                        x_j w.p. min(1, r(x_j)/q(x_j)); on reject r <- norm(max(0, r - q)).

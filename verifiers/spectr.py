@@ -1,6 +1,6 @@
 """SpecTr: optimal-transport draft selection over k i.i.d. drafts (Sun et al., NeurIPS 2023, arXiv 2310.15141).
 
-K-SEQ (algorithms.md §10.5) at a position with target p and k drafts X_1..X_k drawn i.i.d. from q: with
+K-SEQ (docs/verifiers.md#spectr) at a position with target p and k drafts X_1..X_k drawn i.i.d. from q: with
 beta(rho) = sum_x min(q(x), p(x)/rho), accept X_i w.p. min(1, p(X_i)/(rho q(X_i))) and emit the first accepted;
 if none is accepted (probability (1 - beta)^k) emit a recovered token from
 

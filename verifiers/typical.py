@@ -5,8 +5,8 @@ H(p) = -sum p log(p + 1e-5), where p is the target's warped distribution after t
 temperature-scaled distribution; here top-k/top-p/min-p apply too, so a filtered-out token is never accepted).
 The decision is deterministic: among the nodes whose whole path passes, the deepest wins, ties broken by the
 larger sum of log p over the path (Medusa ``evaluate_posterior``). The step then ends with a token drawn from p
-after the last accepted node. The output distribution is NOT the target's (algorithms.md §10.3): the stats of a
-generate() with this verifier say ``lossless = False``.
+after the last accepted node. The output distribution is NOT the target's (docs/verifiers.md#typical): the stats
+of a generate() with this verifier say ``lossless = False``.
 """
 
 from __future__ import annotations

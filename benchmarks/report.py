@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import json
 import math
+import sys
 from pathlib import Path
 
-from specdec.bench.run import PromptResult
+from specdec.benchmarks.run import PromptResult
 
 COLUMNS = ("method", "tok/s", "speedup", "vs HF assisted", "pooled speedup", "tau", "identical", "near-ties", "budget",
            "draft ms/step", "draft s", "verify s")
@@ -93,7 +94,12 @@ def _markdown(setup: dict, summary: dict) -> str:
 
 
 def write_plots(out: Path, summary: dict) -> dict[str, Path]:
-    import matplotlib
+    """PNG plots of acceptance by depth, accepted lengths and speedup by category; none without matplotlib."""
+    try:
+        import matplotlib
+    except ImportError:
+        print("plots skipped: matplotlib is not installed (pip install 'specdec[bench]')", file=sys.stderr)
+        return {}
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
+from importlib import resources
 from pathlib import Path
 
 from specdec.errors import InvalidInputError, UnknownNameError
 
-SPEC_BENCH = Path(__file__).resolve().parents[2] / "benchmarks" / "data" / "specbench_questions.jsonl"
+SPEC_BENCH = resources.files("specdec.benchmarks") / "data" / "specbench_questions.jsonl"  # shipped in the wheel
 MT_BENCH = ("writing", "roleplay", "reasoning", "math", "coding", "extraction", "stem", "humanities")
 MAIN_CATEGORIES = ("mt_bench", "translation", "summarization", "qa", "math_reasoning", "rag")
 
@@ -26,7 +27,7 @@ class Prompt:
 
 def read_prompts(path: str | Path | None = None) -> list[Prompt]:
     path = Path(path) if path else SPEC_BENCH
-    if not path.exists():
+    if not path.is_file():
         raise InvalidInputError(f"prompt file {path} does not exist")
     prompts = []
     with path.open(encoding="utf-8") as f:

@@ -14,8 +14,8 @@ from dataclasses import dataclass, field
 import torch
 from tqdm.auto import tqdm
 
-from specdec.bench.methods import Method, RunRecord
-from specdec.bench.prompts import Prompt
+from specdec.benchmarks.methods import Method, RunRecord
+from specdec.benchmarks.prompts import Prompt
 from specdec.runner import CausalLMRunner
 from specdec.stats import acceptance_by_depth
 

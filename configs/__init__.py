@@ -1,0 +1,1 @@
+"""Benchmark presets (YAML), installed as ``specdec.configs``; read them with :mod:`specdec.presets`."""

@@ -8,7 +8,10 @@ export PIP_CONSTRAINT=$2
 REPO=$(cd "$(dirname "$0")/.." && pwd)
 WORK=$(mktemp -d /tmp/specdec-wheel-smoke.XXXXXX)
 trap 'rm -rf "$WORK"' EXIT
-"$PY" -m pip wheel --quiet --no-deps --wheel-dir "$WORK/dist" "$REPO"
+# Build from a copy of the files git knows (tracked, and new but not ignored): no stale build/ folder leaks in.
+mkdir "$WORK/src"
+git -C "$REPO" ls-files -z --cached --others --exclude-standard | (cd "$REPO" && tar --null --ignore-failed-read -T - -cf - 2>/dev/null) | tar -C "$WORK/src" -xf -
+"$PY" -m pip wheel --quiet --no-deps --wheel-dir "$WORK/dist" "$WORK/src"
 WHEEL=$(ls "$WORK"/dist/specdec-*.whl)
 echo "wheel: $(basename "$WHEEL")"
 "$PY" -m venv "$WORK/venv"

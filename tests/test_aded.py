@@ -18,6 +18,8 @@ from specdec.sampling import SamplingConfig
 from specdec.state import DecodeState
 from tiny_models import VOCAB, tiny_model, tiny_prompt
 
+REFERENCE = dict(budget=24, adapt_prompt=False)  # the reference implementation's behaviour (not our defaults)
+
 
 def successors(table: TrigramTable, a: int, b: int) -> dict[int, float]:
     row = table.row(context_key(a, b))
@@ -208,22 +210,22 @@ def test_a_table_from_another_tokenizer_is_refused(tmp_path):
 
 # ---------------------------------------------------------------------------------------------- the drafter
 def test_an_empty_table_drafts_the_repeated_context():
-    drafter = create_drafter("aded", target=tiny_model("llama"))
+    drafter = create_drafter("aded", target=tiny_model("llama"), **REFERENCE)
     state = state_of([10, 11, 12, 13, 14, 10, 11])
     drafter.begin(state)
     tree = drafter.propose(state)
     # (10,11)->12, (11,12)->13, (12,13)->14 from the search, then the greedy extension (13,14)->10
     assert tree.tokens.tolist() == [12, 13, 14, 10] and tree.parents.tolist() == [-1, 0, 1, 2]
     assert drafter.tree_budget == 24
-    fresh = create_drafter("aded", target=tiny_model("llama"))
+    fresh = create_drafter("aded", target=tiny_model("llama"), **REFERENCE)
     assert fresh.propose(state_of([10, 11, 12, 13])).size == 0  # nothing repeats: no draft
     assert drafter.propose(state_of([10, 11, 12, 13])).tokens.tolist() == [14, 10, 11, 12]  # boosts persist
     drafter.begin(state_of([10, 11, 12, 13]))
     assert drafter.propose(state_of([10, 11, 12, 13])).size == 4  # ... across generate() calls by default
-    reader = create_drafter("aded", target=tiny_model("llama"), adapt_prompt=True)
+    reader = create_drafter("aded", target=tiny_model("llama"), budget=24, adapt_prompt=True)
     reader.begin(state_of([7, 8, 9] + list(range(20, 40)) + [7, 8]))  # 7 8 9 lies beyond the 16-token window
     assert reader.propose(state_of([7, 8, 9] + list(range(20, 40)) + [7, 8])).tokens.tolist()[:2] == [9, 20]
-    forgetful = create_drafter("aded", target=tiny_model("llama"), keep_adaptation=False)
+    forgetful = create_drafter("aded", target=tiny_model("llama"), keep_adaptation=False, **REFERENCE)
     forgetful.propose(state)
     forgetful.begin(state_of([10, 11, 12, 13]))
     assert forgetful.propose(state_of([10, 11, 12, 13])).size == 0
@@ -305,7 +307,7 @@ def test_cli_counts_a_text_corpus_with_the_target_tokenizer(tmp_path, capsys):
     assert table.vocab_size == len(word_tokenizer())
     assert main(argv[:-3] + ["--output", str(out), "--top", "1", "--no-progress"]) == 0
     assert successors(TrigramTable.load(out), 3, 4) == pytest.approx({5: 2 / 3})
-    drafter = AdedDrafter(tiny_model("llama"), table=str(out))
+    drafter = AdedDrafter(tiny_model("llama"), table=str(out), **REFERENCE)
     assert drafter.propose(state_of([20, 3, 4])).tokens.tolist()[:2] == [5, 3]
 
     assert main(["trigrams", str(tmp_path / "missing.txt"), "--tokenizer", str(tmp_path / "tok"),

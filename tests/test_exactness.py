@@ -48,10 +48,12 @@ DRAFTER_FACTORIES: dict[str, dict[str, Factory]] = {
         "template": lambda target, arch: dict(costs={1: 1.0, 16: 1.5, 64: 4.0}),
         "fixed-budget": lambda target, arch: dict(budget=20),
     },
-    # an empty table drafts from the context alone; a table counted on greedy continuations of this prompt and
-    # another drafts what the target says (branching trees, long accepted paths), sized by hand-made costs
+    # an empty table drafts from the context alone (our defaults, and the reference's fixed budget); a table counted
+    # on greedy continuations of this prompt and another drafts what the target says (branching trees, long accepted
+    # paths), sized by hand-made costs
     "aded": {
-        "context-only": lambda target, arch: {},
+        "context-only": lambda target, arch: {},  # the defaults: budget "auto", prompt tri-grams adapted
+        "reference": lambda target, arch: dict(budget=24, adapt_prompt=False),
         "table": lambda target, arch: dict(table=TrigramTable.from_sequences(
             [greedy_reference(target, tiny_prompt(seed=s), 40)[0].tolist() for s in (0, 1)]), budget="auto",
             costs={1: 1.0, 16: 1.5, 64: 4.0}),

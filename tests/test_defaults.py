@@ -1,0 +1,62 @@
+"""Every registered drafter, built with its defaults alone, drafts: on a copy-friendly prompt and a target whose
+drafts can pay, it proposes a non-empty tree on most steps. A default that never drafts fails here.
+
+The target is a tiny 4-layer Llama whose layers 2 and 3 add nothing (zeroed output projections): early exits and
+skipped sub-layers there predict exactly what the whole model predicts, so self-drafting pays as it would on a
+model that suits it. The prompt ends with the target's own greedy text, which settles into a loop, so what the
+target says next is already in the context, as in a user's code edit or a summary.
+"""
+
+from __future__ import annotations
+
+import copy
+import functools
+
+import pytest
+import torch
+
+from specdec import SpecEngine
+from specdec.drafters import available_drafters, create_drafter
+from tiny_models import greedy_reference, tiny_model, tiny_prompt
+
+NEW_TOKENS = 40
+MOST = 0.6  # share of steps that must carry a non-empty draft
+
+
+@functools.lru_cache(maxsize=None)
+def _target() -> torch.nn.Module:
+    model = copy.deepcopy(tiny_model("llama", layers=4))
+    with torch.no_grad():
+        for layer in model.model.layers[2:]:
+            layer.self_attn.o_proj.weight.zero_()
+            layer.mlp.down_proj.weight.zero_()
+    return model
+
+
+@functools.lru_cache(maxsize=None)
+def _prompt() -> torch.Tensor:
+    """[1, 68]: 8 random tokens, then the target's greedy continuation (its loop of 8 starts within 60 tokens)."""
+    return greedy_reference(_target(), tiny_prompt(seed=0, length=8), 60)
+
+
+# Required arguments only: what a user must pass (the draft model), never a tuned option.
+REQUIRED = {"draft-model": lambda: dict(model=tiny_model("llama", seed=1))}
+
+
+@pytest.mark.parametrize("name", available_drafters())
+def test_default_drafter_drafts_on_most_steps(name):
+    target = _target()
+    drafter = create_drafter(name, target=target, **REQUIRED.get(name, dict)())
+    sizes = []
+    propose = drafter.propose
+
+    def counting(state):
+        tree = propose(state)
+        sizes.append(tree.size)
+        return tree
+
+    drafter.propose = counting
+    result = SpecEngine(target, drafter).generate(_prompt(), max_new_tokens=NEW_TOKENS)
+    assert result.sequences.shape[1] == _prompt().shape[1] + NEW_TOKENS
+    drafted = sum(n > 0 for n in sizes)
+    assert drafted >= MOST * len(sizes), f"{name} drafted on {drafted} of {len(sizes)} steps: {sizes}"

@@ -16,6 +16,7 @@ from tqdm.auto import tqdm
 
 from specdec.benchmarks.methods import Method, RunRecord
 from specdec.benchmarks.prompts import Prompt
+from specdec.memory import release_memory
 from specdec.runner import CausalLMRunner
 from specdec.stats import acceptance_by_depth
 
@@ -52,6 +53,7 @@ def run_benchmark(methods: list[Method], prompts: list[Prompt], encode, max_new_
         for m in order:
             bar.set_postfix_str(f"{prompt.category}:{m.name}")
             res.runs[m.name] = m.generate(ids, max_new_tokens, eos_token_id, seed=seed + i)
+            release_memory()  # outside the timed call: one method's freed caches never add to the next one's peak
             bar.update(1)
         if reference in res.runs and target is not None and not sampled:
             res.compared = True

@@ -15,7 +15,9 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", help="preset name in configs/ or a YAML path (default: qwen-coder-pair)")
     p.add_argument("--target", help="target model name (specdec.models) or local HF folder")
     p.add_argument("--draft", help="draft model name or folder, for drafters and baselines that need one")
-    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], help="target (and baseline) precision")
+    p.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"],
+                   help="target, draft and baseline precision (auto: bf16 where the hardware has it natively, else "
+                        "fp32; the presets name theirs)")
     p.add_argument("--threads", type=int, help="torch CPU threads")
     p.add_argument("--drafter", action="append", help="preset drafter entry or registered drafter (repeatable)")
     p.add_argument("--verifier", help="acceptance rule (default greedy)")
@@ -51,6 +53,9 @@ def build_parser() -> argparse.ArgumentParser:
     tri.add_argument("--output", required=True, help="the table file to write (.npz)")
     tri.add_argument("--top", type=int, default=12, help="successors kept per bigram context (default 12)")
     tri.add_argument("--no-progress", action="store_true")
+    from specdec.models.cli import add_parser as add_models_parser
+
+    add_models_parser(sub)
     sub.add_parser("presets", help="list the shipped presets (--config NAME) with their models and drafter entries")
     return parser
 
@@ -64,7 +69,7 @@ def settings(args: argparse.Namespace) -> dict:
         if key in ("categories", "baselines"):
             value = [v.strip() for v in value.split(",") if v.strip()]
         cfg[key] = value
-    cfg.setdefault("dtype", "bfloat16")
+    cfg.setdefault("dtype", "auto")
     cfg.setdefault("max_new_tokens", 128)
     cfg.setdefault("do_sample", False)
     cfg.setdefault("temperature", 1.0)
@@ -95,22 +100,24 @@ def load_models(cfg: dict):
 
     from specdec import models
 
-    dtype = getattr(torch, cfg["dtype"])
+    dtype = None if cfg["dtype"] == "auto" else getattr(torch, cfg["dtype"])  # None: native bf16, else fp32
     target, tokenizer = _load(models, cfg["target"], dtype)
+    cfg["dtype"] = str(target.dtype).removeprefix("torch.")  # what "auto" chose, for the report
     draft = None
     if cfg.get("draft"):
-        draft, _ = _load(models, cfg["draft"], dtype)
+        draft, _ = _load(models, cfg["draft"], target.dtype, tokenizer=False)  # it shares the target's tokenizer
     return target, draft, tokenizer
 
 
-def _load(models, name: str, dtype):
+def _load(models, name: str, dtype, tokenizer: bool = True):
     from pathlib import Path
 
-    if Path(name).is_dir():
-        from transformers import AutoModelForCausalLM, AutoTokenizer
+    from specdec.memory import limit_heap_retention
 
-        return AutoModelForCausalLM.from_pretrained(name, dtype=dtype).eval(), AutoTokenizer.from_pretrained(name)
-    return models.load(name, dtype=dtype)
+    limit_heap_retention()  # freed loading temporaries and activations go back to the OS (peak RSS)
+    if Path(name).is_dir():  # read, not memory-mapped (peak RSS)
+        return models.load_folder(name, dtype=dtype, tokenizer=tokenizer)
+    return models.load(name, dtype=dtype, tokenizer=tokenizer)
 
 
 def cmd_bench(cfg: dict, progress: bool) -> int:
@@ -222,6 +229,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "trigrams":
             return cmd_trigrams(args)
+        if args.command == "models":
+            from specdec.models.cli import cmd_models
+
+            return cmd_models(args)
         if args.command == "presets":
             return cmd_presets()
         cfg = settings(args)

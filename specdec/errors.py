@@ -28,3 +28,7 @@ class ModelFetchError(SpecDecError, RuntimeError):
 
 class ChecksumError(SpecDecError, RuntimeError):
     """An assembled model file does not have the sha256 it must have."""
+
+
+class CorruptCacheError(SpecDecError, RuntimeError):
+    """A cached model file is truncated or unreadable; the message names the file and the command that re-fetches it."""

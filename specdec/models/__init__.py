@@ -4,10 +4,13 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from specdec.models.fetch import default_cache_dir, ensure_converted
+from specdec.errors import CorruptCacheError
+from specdec.memory import release_memory
+from specdec.models.fetch import check_converted, default_cache_dir, ensure_converted, refetch_hint
+from specdec.models.reading import reads_not_maps
 from specdec.models.registry import MODELS, ModelSpec, get_spec
 
-__all__ = ["MODELS", "ModelSpec", "available_models", "load", "local_path"]
+__all__ = ["MODELS", "ModelSpec", "available_models", "load", "load_folder", "local_path"]
 
 
 def available_models() -> list[str]:
@@ -19,15 +22,51 @@ def local_path(name: str, cache_dir: str | Path | None = None) -> Path:
     return ensure_converted(get_spec(name), Path(cache_dir) if cache_dir else default_cache_dir())
 
 
-def load(name: str, dtype=None, device=None, cache_dir: str | Path | None = None):
-    """Return ``(model, tokenizer)`` for one of :func:`available_models` (fp32 on CPU unless told otherwise)."""
-    import torch
+def load(name: str, dtype=None, device=None, cache_dir: str | Path | None = None, tokenizer: bool = True):
+    """Return ``(model, tokenizer)`` for one of :func:`available_models`.
+
+    ``dtype=None`` picks the precision that is fast and exact on ``device`` (default CPU): bf16 where it is native
+    (AVX-512 BF16 / AMX on a CPU, or a GPU that supports it), fp32 otherwise (:mod:`specdec.precision`).
+    ``tokenizer=False`` returns ``(model, None)`` (a draft model shares the target's tokenizer)."""
+    return load_folder(local_path(name, cache_dir), dtype=dtype, device=device, name=name, tokenizer=tokenizer)
+
+
+def load_folder(folder: str | Path, dtype=None, device=None, name: str | None = None, tokenizer: bool = True):
+    """``(model, tokenizer)`` from a HF folder, reading the safetensors without memory-mapping them (peak memory:
+    :mod:`specdec.models.reading`); ``dtype`` as in :func:`load`. With ``name`` (a cached model), an unreadable
+    file is reported as a CorruptCacheError naming the refetch command."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    folder = local_path(name, cache_dir)
-    model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=dtype or torch.float32)
+    from specdec.precision import default_dtype
+
+    folder = str(folder)
+    dtype = dtype or default_dtype(device)
+    try:
+        with reads_not_maps():
+            model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype)
+    except Exception as exc:
+        _reraise_as_corrupt(exc, folder, name, "weights or config")
+        raise
+    release_memory()
     if device is not None:
         model = model.to(device)
     model.eval()
-    tokenizer = AutoTokenizer.from_pretrained(str(folder))
-    return model, tokenizer
+    if not tokenizer:
+        return model, None
+    try:
+        return model, AutoTokenizer.from_pretrained(folder)
+    except Exception as exc:  # a local folder we wrote: failing to parse it means a damaged tokenizer file
+        _reraise_as_corrupt(exc, folder, name, "tokenizer", always=True)
+        raise
+
+
+def _reraise_as_corrupt(exc: Exception, folder: str, name: str | None, what: str, always: bool = False) -> None:
+    """For a cached model (``name``), turn an unreadable file into a CorruptCacheError naming the refetch command."""
+    if name is None or isinstance(exc, CorruptCacheError):
+        return
+    check_converted(Path(folder), name)  # names the damaged file when it can tell which
+    content_error = type(exc).__name__ in ("SafetensorError", "JSONDecodeError", "UnicodeDecodeError",
+                                           "HeaderTooLarge")
+    if always or content_error:
+        raise CorruptCacheError(f"could not read the {what} of the cached model {name!r} in {folder} "
+                                f"({type(exc).__name__}: {exc}); {refetch_hint(name)}") from exc

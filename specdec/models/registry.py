@@ -1,4 +1,4 @@
-"""The real models that ship on PyPI as GGUF chunk packages (see the project's model notes).
+"""The real models that ship on PyPI as GGUF chunk packages (docs/models.md: names, sizes, sha256 sums).
 
 Each entry names the pinned wheels, in part order, the pattern of the chunk file inside each wheel and the
 sha256 of the assembled ``.gguf``. Nothing here downloads; :mod:`specdec.models.fetch` does.

@@ -127,6 +127,7 @@ def cmd_bench(cfg: dict, progress: bool) -> int:
     from specdec.benchmarks.methods import build_method, sampling_of
     from specdec.benchmarks.report import format_table, write_outputs
     from specdec.benchmarks.run import run_benchmark, summarize
+    from specdec.memory import release_memory
 
     if cfg.get("threads"):
         torch.set_num_threads(int(cfg["threads"]))
@@ -153,6 +154,8 @@ def cmd_bench(cfg: dict, progress: bool) -> int:
                             seed=int(cfg["seed"]))
     summary = summarize(results, assisted="hf-assisted" if "hf-assisted" in baselines else None,
                         sampled=sampling.do_sample)
+    del methods, target, draft  # the report needs none of them: plotting must not add to the run's peak memory
+    release_memory()
     print(format_table(summary))
     setup = {k: cfg.get(k) for k in ("target", "draft", "dtype", "threads", "max_new_tokens", "verifier",
                                      "do_sample", "temperature", "top_k", "top_p", "seed")}

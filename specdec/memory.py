@@ -33,11 +33,11 @@ def release_memory() -> None:
         libc.malloc_trim(0)
 
 
-def limit_heap_retention(threshold: int = 4 << 20) -> None:
+def limit_heap_retention(threshold: int = 256 << 10) -> None:
     """Serve allocations of ``threshold`` bytes and more with their own mappings, returned to the OS when freed.
 
     glibc raises this threshold as large blocks are freed (up to 32 MB), after which freed activations, logits and
-    loading temporaries stay in the heap; fixing it kept a whole CLI benchmark 130 MB lower. Process-wide, so
-    only the command line calls it (glibc only; a no-op elsewhere)."""
+    loading temporaries stay in the heap; fixing it at 256 KiB kept the demo benchmark about 0.1-0.2 GB lower than
+    glibc's default. Process-wide, so only the command line calls it (glibc only; a no-op elsewhere)."""
     if libc := _libc():
         libc.mallopt(-3, int(threshold))  # M_MMAP_THRESHOLD

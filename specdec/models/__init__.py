@@ -34,9 +34,12 @@ def load(name: str, dtype=None, device=None, cache_dir: str | Path | None = None
 def load_folder(folder: str | Path, dtype=None, device=None, name: str | None = None, tokenizer: bool = True):
     """``(model, tokenizer)`` from a HF folder, reading the safetensors without memory-mapping them (peak memory:
     :mod:`specdec.models.reading`); ``dtype`` as in :func:`load`. With ``name`` (a cached model), an unreadable
-    file is reported as a CorruptCacheError naming the refetch command."""
+    file is reported as a CorruptCacheError naming the refetch command, and on the CPU an untied input-embedding
+    table is kept on disk, memory-mapped (:mod:`specdec.models.mapped_embedding`)."""
+    import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from specdec.models.mapped_embedding import map_input_embedding
     from specdec.precision import default_dtype
 
     folder = str(folder)
@@ -47,6 +50,8 @@ def load_folder(folder: str | Path, dtype=None, device=None, name: str | None = 
     except Exception as exc:
         _reraise_as_corrupt(exc, folder, name, "weights or config")
         raise
+    if name is not None and (device is None or torch.device(device).type == "cpu"):
+        map_input_embedding(model, folder)  # a cached model: its untied embedding table stays on disk, mapped
     release_memory()
     if device is not None:
         model = model.to(device)

@@ -19,10 +19,10 @@ penalty over the sequence and the node's draft path, temperature, top-k, top-p, 
 
 A chain samples each token from q (ProposalKind.IID) unless ``sample_tree="topk"``. Unless set, a sampled tree
 has 2 children per expanded node and expands 1 node per level (``DraftModelConfig.shape`` says why). Sampled
-children are verified as draws from q, so the tree may not keep or drop a node's children by their own tokens: a sampled tree is made
-of whole sibling groups (all children of an expanded node, cut only by draw rank), chosen by their parent's
-cumulative log-probability until ``budget`` nodes are taken; ``min_prob`` does not cut them short (a sampled
-token is accepted with probability about 1 - TV(p, q) whatever its own q). Only sampled trees carry
+children are verified as draws from q, so the tree may not keep or drop a node's children by their own tokens: a
+sampled tree is made of whole sibling groups (all children of an expanded node, cut only by draw rank), chosen by
+their parent's cumulative log-probability until ``budget`` nodes are taken; ``min_prob`` does not cut them short
+(a sampled token is accepted with probability about 1 - TV(p, q) whatever its own q). Only sampled trees carry
 ``draft_probs``.
 
 ``budget="auto"`` sizes the tree to this machine (``specdec.budget``, Sequoia-style, arXiv 2402.12374): node

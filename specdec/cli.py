@@ -1,5 +1,6 @@
-"""``specdec bench`` and ``specdec generate``: the command line over presets in ``configs/``; ``specdec trigrams``
-builds the table of the 'aded' drafter."""
+"""The command line: ``specdec bench`` and ``specdec generate`` over presets in ``configs/`` (``specdec presets``
+lists them); ``specdec models`` lists, fetches and re-fetches the real models; ``specdec trigrams`` builds the
+table of the 'aded' drafter."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ import sys
 import time
 
 from specdec.errors import SpecDecError, UnknownNameError
-from specdec.presets import load_preset
+from specdec.presets import available_presets, load_preset
 
 
 def _common(p: argparse.ArgumentParser) -> None:
@@ -218,8 +219,6 @@ def cmd_trigrams(args: argparse.Namespace) -> int:
 
 
 def cmd_presets() -> int:
-    from specdec.presets import available_presets
-
     for name in available_presets():
         cfg = load_preset(name)
         entries = ", ".join(cfg.get("drafters") or {}) or "-"

@@ -138,4 +138,5 @@ def test_presets_command_lists_every_shipped_preset(capsys):
     assert main(["presets"]) == 0
     lines = capsys.readouterr().out.splitlines()
     assert [line.split(":")[0] for line in lines] == available_presets()
-    assert any(line.startswith("qwen-coder-pair: target qwen2.5-coder-1.5b, draft qwen2.5-coder-0.5b") for line in lines)
+    pair = "qwen-coder-pair: target qwen2.5-coder-1.5b, draft qwen2.5-coder-0.5b"
+    assert any(line.startswith(pair) for line in lines)

@@ -90,6 +90,10 @@ def _markdown(setup: dict, summary: dict) -> str:
         if e.get("acceptance_by_depth"):
             rates = ", ".join("-" if math.isnan(x) else f"{x:.2f}" for x in e["acceptance_by_depth"])
             lines.append(f"- {name}: {rates}")
+    described = {name: e["drafter_info"] for name, e in summary.items() if e.get("drafter_info")}
+    if described:  # what each drafter chose or holds (layer sets, heads and their memory, ...) after the last prompt
+        lines += ["", "## Drafters", ""]
+        lines += [f"- {name}: " + ", ".join(f"{k}={v}" for k, v in info.items()) for name, info in described.items()]
     return "\n".join(lines) + "\n"
 
 

@@ -125,6 +125,8 @@ def summarize(results: list[PromptResult], reference: str = "plain", assisted: s
             if budgets:
                 entry["median_tree_budget"] = statistics.median(budgets)
             entry["draft_ms_per_step"] = 1000 * entry["draft_time"] / max(1, len(lengths))
+            if stats[-1].get("drafter_info"):
+                entry["drafter_info"] = stats[-1]["drafter_info"]  # Drafter.describe() after the last prompt
             entry["lossless"] = all(s["lossless"] for s in stats)
         entry["near_ties"] = None if sampled else sum(1 for r in rows if r.divergence.get(name, {}).get("near_tie"))
         entry["by_category"] = _by_category(rows, name, reference)

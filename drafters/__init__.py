@@ -36,5 +36,6 @@ from specdec.drafters import draft_model, prompt_lookup  # noqa: E402,F401
 from specdec.drafters import token_recycling  # noqa: E402,F401
 from specdec.drafters import aded  # noqa: E402,F401
 from specdec.drafters import del_exit, swift  # noqa: E402,F401
+from specdec.drafters.heads import drafter as _heads_drafter  # noqa: E402,F401  (medusa, hydra, clover)
 
 __all__ = ["Drafter", "available_drafters", "create_drafter", "drafter_class", "register_drafter"]

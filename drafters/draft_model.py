@@ -48,10 +48,11 @@ import torch
 from specdec.budget import choose_budget, forward_costs
 from specdec.drafters import register_drafter
 from specdec.drafters.base import Drafter
+from specdec.drafters.sampled_pool import grow_sampled_pool, sampled_order
 from specdec.errors import IncompatibleModelsError, InvalidInputError
 from specdec.memory import release_memory
 from specdec.runner import CausalLMRunner
-from specdec.sampling import drafter_logits, sample, seen_mask
+from specdec.sampling import drafter_logits, seen_mask
 from specdec.state import DecodeState, StepOutcome
 from specdec.tree import DraftTree, ProposalKind
 
@@ -65,7 +66,9 @@ class DraftModelConfig:
     depth: int = 6  # levels of the tree / tokens of the chain
     topk: int | None = None  # children per expanded node (tree); None: 4 greedy, 2 sampled (see sampled_shape)
     width: int | None = None  # nodes expanded per level (tree); None: 4 greedy, 1 sampled
-    budget: "int | str" = 12  # nodes kept in the final tree, or "auto": sized to the target's forward costs
+    budget: "int | str" = "auto"  # nodes kept in the final tree (an int), or "auto": the node count that maximises
+    #                               expected tokens per second under the target's measured forward costs; it won on
+    #                               every measured dtype and mode (docs/drafters.md, "Defaults")
     max_budget: int = 32  # cap of an "auto" budget
     min_prob: float = 0.2  # stop expanding once the best frontier path probability falls below this: one more
     #                         int8 draft forward (~35 ms) must buy more than it costs (tuned on the Qwen pair, bf16)
@@ -250,7 +253,7 @@ class DraftModelDrafter(Drafter):
         self.runner = CausalLMRunner(_prepare(model, self.config))
         self.cached = torch.zeros(0, dtype=torch.long)  # token ids in the draft cache, slot by slot
         self._fed_slots = torch.zeros(0, dtype=torch.long)  # cache slot (relative to tree_base) of each pool node
-        self._tree_base = 0
+        self._tree_base: int | None = 0  # draft-cache length before the current tree (None: nothing fed)
         self._chosen = torch.zeros(0, dtype=torch.long)  # pool index of each node of the proposed tree
         self._costs = None  # the target's measured forward costs (budget="auto"), measured on first use
         self._calibration = 1.0  # running (accepted tokens) / (predicted tokens) of the draft's path probabilities
@@ -265,6 +268,7 @@ class DraftModelDrafter(Drafter):
         topk, width, budget = self.config.shape()
         depth = min(self.config.depth, state.remaining - 1)
         if depth < 1:
+            self._tree_base = None  # nothing read this step: observe leaves the draft cache alone
             return DraftTree.empty(state.sequence.device)
         t_start = time.perf_counter()
         root_logits = self._sync(state.sequence[0].cpu())
@@ -305,61 +309,20 @@ class DraftModelDrafter(Drafter):
         their parent's score."""
         topk, width, budget = self.config.shape(sampled=True)
         kind = ProposalKind.IID if self.config.mode == "chain" else SAMPLE_TREES[self.config.sample_tree]
-        dev = self.runner.device
+        fed = _Fed.empty(self.runner.device)
 
-        def draw(q: torch.Tensor) -> torch.Tensor:  # [w, V] -> [w, k] children in draw order
-            k = topk
-            if kind is ProposalKind.WITHOUT_REPLACEMENT:  # no more distinct children than q has tokens (host sync)
-                k = min(topk, int((q > 0).sum(dim=-1).min()))
-            return sample(q, state.generator, k, replacement=kind is ProposalKind.IID)
+        def expand(tokens: torch.Tensor, parents: torch.Tensor, nodes: torch.Tensor, d: int) -> torch.Tensor:
+            logits, paths = self._feed(fed, tokens, parents, nodes, d + 1, state.sampling.penalizes_repetition)
+            return self._log_q(logits, state, paths)  # [w, V]
 
-        log_q = self._log_q(root_logits[None], state)  # [1, V]
-        q_rows = [log_q.exp()]  # q after every expanded node, the root's first
-        tokens = draw(q_rows[0])[0]  # [k] the pool, in creation order (parents before children)
-        k = tokens.numel()
-        scores = log_q[0, tokens]  # cumulative log q of each pool node
-        parents = torch.full_like(tokens, -1)
-        q_row = torch.zeros_like(tokens)  # row of q_rows each node was drawn from
-        group = torch.zeros_like(tokens)  # sibling group (one per expanded node, the root's first)
-        rank = torch.arange(k, device=dev)  # draw rank within the group
-        group_score = [torch.full((1,), torch.inf, device=dev)]  # parent's score of each group
-        group_size = [k]
-        level = torch.arange(k, device=dev)
-        fed = _Fed.empty(dev)
-        for d in range(2, depth + 1):  # no min_prob stop: a sampled token is accepted w.p. ~1 - TV(p, q), not ~q(x)
-            lvl_scores = scores[level]
-            expand = level[lvl_scores.topk(min(width, level.numel())).indices]  # [w] pool indices
-            w = expand.numel()
-            logits, paths = self._feed(fed, tokens, parents, expand, d, state.sampling.penalizes_repetition)
-            child_log_q = self._log_q(logits, state, paths)  # [w, V]
-            n_pool, n_rows, n_groups = tokens.numel(), sum(r.shape[0] for r in q_rows), len(group_size)
-            q_rows.append(child_log_q.exp())
-            child_tok = draw(q_rows[-1])  # [w, k]
-            k = child_tok.shape[1]
-            scores = torch.cat([scores, (scores[expand, None] + child_log_q.gather(1, child_tok)).flatten()])
-            tokens = torch.cat([tokens, child_tok.flatten()])
-            parents = torch.cat([parents, expand.repeat_interleave(k)])
-            q_row = torch.cat([q_row, torch.arange(n_rows, n_rows + w, device=dev).repeat_interleave(k)])
-            group = torch.cat([group, torch.arange(n_groups, n_groups + w, device=dev).repeat_interleave(k)])
-            rank = torch.cat([rank, torch.arange(k, device=dev).repeat(w)])
-            group_score.append(scores[expand])
-            group_size += [k] * w
-            level = torch.arange(n_pool, tokens.numel(), device=dev)
-
-        # A parent's group sorts before its children's (a child never scores above its parent; the stable sort
-        # keeps creation order on ties); groups are taken whole until the budget, the last one cut by draw rank.
-        order = torch.sort(torch.cat(group_score), descending=True, stable=True).indices
-        if self.config.budget == "auto" and self.config.mode == "tree":  # node values in group order
-            group_rank = torch.empty_like(order)
-            group_rank[order] = torch.arange(order.numel(), device=dev)
-            node_order = torch.argsort(group_rank[group] * (topk + 1) + rank)  # the order nodes are taken in
-            budget = self._auto_budget(scores[node_order], budget, t_start)
-        sizes = torch.tensor(group_size, device=dev)[order]
-        start = torch.empty_like(sizes)
-        start[order] = torch.cumsum(sizes, 0) - sizes  # nodes taken before each group
-        chosen = torch.nonzero(rank < budget - start[group]).flatten()  # creation order: siblings in draw order
-        q = torch.cat(q_rows)[q_row[chosen]]  # [n, V] q at each node's parent
-        return self._finish(state, fed, tokens, parents, chosen, q, kind)
+        # no min_prob stop: a sampled token is accepted with probability ~1 - TV(p, q), not ~q(x)
+        root_log_q = self._log_q(root_logits[None], state)[0]  # [V]
+        pool = grow_sampled_pool(root_log_q, expand, depth, topk, width, kind, state.generator)
+        order = sampled_order(pool)  # whole sibling groups by their parent's score, the last one cut by draw rank
+        if self.config.budget == "auto" and self.config.mode == "tree":
+            budget = self._auto_budget(pool.scores[order], budget, t_start)
+        chosen = order[:budget].sort().values  # creation order: parents first, siblings in draw order
+        return self._finish(state, fed, pool.tokens, pool.parents, chosen, pool.q_at(chosen), kind)
 
     def _auto_budget(self, ordered_scores: torch.Tensor, budget: int, t_start: float) -> int:
         """``budget`` unless it is "auto": then the node count (<= max_budget) that maximises expected tokens per
@@ -425,7 +388,11 @@ class DraftModelDrafter(Drafter):
 
     def observe(self, state: DecodeState, outcome: StepOutcome) -> None:
         """Keep the accepted nodes the draft model already processed; the next _sync feeds the rest."""
-        if outcome.tree.size == 0 or self.runner.length == 0:
+        if self.runner.length == 0:
+            return
+        if outcome.tree.size == 0:  # an auto budget may keep no node of a pool the draft model already read
+            if self._tree_base is not None:
+                self.runner.crop(self._tree_base)
             return
         if self.tree_budget is not None and self._predicted > 0:  # decay 0.9: about the last ten steps
             ratio = outcome.result.num_accepted / self._predicted

@@ -1,6 +1,7 @@
 """The command line: ``specdec bench`` and ``specdec generate`` over presets in ``configs/`` (``specdec presets``
 lists them); ``specdec models`` lists, fetches and re-fetches the real models; ``specdec trigrams`` builds the
-table of the 'aded' drafter."""
+table of the 'aded' drafter; ``specdec train`` self-distills draft heads (specdec.training); ``specdec
+export-heads`` writes trained Medusa heads in vLLM's layout."""
 
 from __future__ import annotations
 
@@ -57,6 +58,12 @@ def build_parser() -> argparse.ArgumentParser:
     from specdec.models.cli import add_parser as add_models_parser
 
     add_models_parser(sub)
+    from specdec.training.cli import add_parser as add_train_parser
+
+    add_train_parser(sub)
+    from specdec.drafters.heads.export import add_parser as add_export_parser
+
+    add_export_parser(sub)
     sub.add_parser("presets", help="list the shipped presets (--config NAME) with their models and drafter entries")
     return parser
 
@@ -231,6 +238,14 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "trigrams":
             return cmd_trigrams(args)
+        if args.command == "train":
+            from specdec.training.cli import cmd_train
+
+            return cmd_train(args)
+        if args.command == "export-heads":
+            from specdec.drafters.heads.export import cmd_export_heads
+
+            return cmd_export_heads(args)
         if args.command == "models":
             from specdec.models.cli import cmd_models
 

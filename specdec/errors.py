@@ -32,3 +32,15 @@ class ChecksumError(SpecDecError, RuntimeError):
 
 class CorruptCacheError(SpecDecError, RuntimeError):
     """A cached model file is truncated or unreadable; the message names the file and the command that re-fetches it."""
+
+
+class HeadsTargetMismatchError(IncompatibleModelsError):
+    """Trained draft heads were made for another target model; the message names the field that differs."""
+
+
+class CorruptHeadsError(SpecDecError, RuntimeError):
+    """A draft-heads file is missing, truncated, half-written or fails its sha256; the message names the file."""
+
+
+class HeadsConfigError(SpecDecError, ValueError):
+    """A draft-heads config that its tensors (or the target) do not match; the message names the tensor or field."""

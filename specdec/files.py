@@ -1,4 +1,5 @@
-"""Small JSON files that several processes may read while one rewrites them (forward costs, layer sets)."""
+"""Files that other processes may read while one rewrites them (forward costs, layer sets, heads, training
+checkpoints and feature chunks): written to a temporary file beside the target, then renamed onto it."""
 
 from __future__ import annotations
 
@@ -6,18 +7,34 @@ import json
 import os
 import tempfile
 from pathlib import Path
+from typing import Callable
 
 
-def write_json_atomic(path: "str | os.PathLike", data) -> None:
-    """Write ``data`` as JSON to ``path`` through a temporary file and a rename: a reader sees the old file or the
-    new one, never half of it. Creates the folder; leaves no temporary file behind on failure."""
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def write_atomic(path: "str | os.PathLike", write: Callable[[str], None]) -> Path:
+    """Call ``write(tmp_path)`` on a temporary file beside ``path``, then rename it onto ``path``: a reader sees
+    the old file or the new one, never half of it. Creates the folder; the file gets the usual permissions
+    (0666 less the umask, not mkstemp's 0600); no temporary file is left behind on failure."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=".json")
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
     try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(data, f, indent=1, sort_keys=True)
+        write(tmp)
+        os.chmod(tmp, 0o666 & ~_umask())
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+    return path
+
+
+def write_json_atomic(path: "str | os.PathLike", data) -> None:
+    """``data`` as JSON (indented, sorted keys) to ``path``, atomically (:func:`write_atomic`)."""
+    text = json.dumps(data, indent=1, sort_keys=True)
+    write_atomic(path, lambda tmp: Path(tmp).write_text(text))

@@ -111,6 +111,32 @@ def test_measure_forward_costs_stays_inside_the_models_positions():
     assert costs.sizes == (1, 64)
 
 
+def test_measure_forward_costs_stops_repeating_a_size_after_its_time(monkeypatch):
+    runs = []
+    real = budget.CausalLMRunner.forward
+
+    def slow_forward(self, tokens, *args, **kwargs):
+        runs.append(tokens.numel())
+        return real(self, tokens, *args, **kwargs)
+
+    monkeypatch.setattr(budget.CausalLMRunner, "forward", slow_forward)
+    measure_forward_costs(tiny_model("llama"), sizes=(1, 4), context=8, repeats=3, seconds_per_size=1e-9)
+    assert runs == [8, 1, 1, 4, 4]  # the context, then warm-up + one timed run per size (each over its time)
+    runs.clear()
+    measure_forward_costs(tiny_model("llama"), sizes=(1, 4), context=8, repeats=3, seconds_per_size=1e9)
+    assert runs == [8] + [1] * 4 + [4] * 4  # the context, then warm-up + `repeats` timed runs per size
+
+
+def test_forward_costs_say_when_they_measure(tmp_path, capsys):
+    model = tiny_model("llama", seed=8)
+    forward_costs(model, cache_dir=tmp_path, sizes=(1, 2), context=8)
+    err = capsys.readouterr().err
+    assert "measuring the target's forward cost at 1,2 tokens" in err and str(tmp_path) in err
+    assert err.rstrip().endswith(" s")  # with the time it took
+    forward_costs(tiny_model("llama", seed=8), cache_dir=tmp_path, sizes=(1, 2), context=8)  # from the file
+    assert capsys.readouterr().err == ""
+
+
 @pytest.fixture
 def counted_measure(monkeypatch):
     calls = []

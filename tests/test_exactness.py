@@ -21,6 +21,7 @@ from specdec.drafters.base import Drafter
 from specdec.drafters.trigram_table import TrigramTable
 from specdec.tree import DraftTree
 from tiny_models import ARCHS, VOCAB, greedy_reference, tiny_model, tiny_prompt
+from tiny_heads import perturbed_heads, reduced_vocab
 
 NEW_TOKENS = 28
 REFERENCE_SLACK = 16  # the regime rewriter looks this far past NEW_TOKENS at most (drafts are <= 12 deep)
@@ -33,7 +34,7 @@ DRAFTER_FACTORIES: dict[str, dict[str, Factory]] = {
     # flat distributions would stop every draft at depth 1, and the regimes need deeper drafts
     "draft-model": {
         "chain": lambda target, arch: dict(model=tiny_model(arch, seed=1), mode="chain", min_prob=0.0),
-        "tree": lambda target, arch: dict(model=tiny_model(arch, seed=1), mode="tree", min_prob=0.0),
+        "tree": lambda target, arch: dict(model=tiny_model(arch, seed=1), mode="tree", min_prob=0.0, budget=12),
         # the target drafts for itself, unquantized: its drafts are the greedy tokens
         "self-chain": lambda target, arch: dict(model=target, mode="chain", quantize=None, min_prob=0.0),
         "deep-tree": lambda target, arch: dict(model=tiny_model(arch, seed=1), mode="tree", depth=12, topk=2, width=2,
@@ -71,7 +72,21 @@ DRAFTER_FACTORIES: dict[str, dict[str, Factory]] = {
         "default": lambda target, arch: {},
         "eager": lambda target, arch: dict(min_draft=3, stop_threshold=0.0),
     },
+    # trained-head drafters: randomly initialised heads as shipped without weights ("random-init": the identity on
+    # h, a warning), perturbed heads whose every weight matters, the same over a reduced draft vocabulary, and
+    # Medusa's static sparse tree from (made-up) measured accuracies. Fixed budgets (here and for draft-model's
+    # tree): an "auto" budget follows measured costs, which vary with the machine's load, and the regimes need
+    # drafts at least two deep; tests/test_defaults.py covers the defaults
+    **{kind: {
+        "random-init": lambda target, arch: dict(budget=16),
+        "perturbed": lambda target, arch, kind=kind: dict(heads=perturbed_heads(kind, target), budget=16),
+        "reduced-vocab": lambda target, arch, kind=kind: dict(heads=perturbed_heads(
+            kind, target, draft_vocab=reduced_vocab(target)), budget=10),
+    } for kind in ("medusa", "hydra", "clover")},
 }
+DRAFTER_FACTORIES["medusa"]["static-tree"] = lambda target, arch: dict(
+    heads=perturbed_heads("medusa", target).with_metadata(accuracies=[[0.6, 0.2, 0.1], [0.5, 0.2], [0.4, 0.2], [0.3]]),
+    budget=10)
 # Variants whose natural drafts are the target's greedy tokens: every step accepts its whole draft.
 FULLY_ACCEPTED_WHEN_NATURAL = {("draft-model", "self-chain")}
 

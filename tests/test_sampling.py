@@ -8,7 +8,8 @@ the target's own warped sampling, and each check below fails for a deliberately 
                on the first two emitted tokens
   typical      Medusa typical acceptance is measurably biased (it is documented as lossy)
   end to end   SpecEngine with the draft-model drafter against the exact 3-token distribution that HF's processors
-               give the tiny target; greedy with repetition_penalty equals HF greedy
+               give the tiny target, and the same for the trained-head drafters (medusa, hydra, clover), which
+               fails for heads that misreport q; greedy with repetition_penalty equals HF greedy
   determinism  a seeded generator reproduces the output; the global RNG is never touched
 """
 
@@ -24,8 +25,10 @@ from transformers.generation.logits_process import (LogitsProcessorList, MinPLog
 
 from distributions import Z_09995, chi_square, follows, iid_drafts, total_variation, without_replacement_drafts
 from specdec import InvalidInputError, SpecEngine
+from specdec.budget import ForwardCosts
 from specdec.drafters import create_drafter
 from specdec.drafters.base import Drafter
+from specdec.drafters.heads import DraftVocab
 from specdec.runner import CausalLMRunner
 from specdec.sampling import (SamplingConfig, apply_repetition_penalty, seen_mask, tree_seen_mask, warp_logits,
                               warped_probs)
@@ -34,6 +37,7 @@ from specdec.verifiers import available_verifiers, create_verifier
 from specdec.verifiers.rejection import RejectionVerifier, SiblingTrial, iid_trial, normalize
 from specdec.verifiers.spectr import SpecTrVerifier, kseq_beta, kseq_rho
 from specdec.verifiers.typical import TypicalVerifier, typical_threshold
+from tiny_heads import perturbed_heads
 from tiny_models import ARCHS, tiny_model, tiny_prompt
 
 IID, WOR, POINT = ProposalKind.IID, ProposalKind.WITHOUT_REPLACEMENT, ProposalKind.POINT_MASS
@@ -433,6 +437,49 @@ def test_generate_three_token_distribution(case):
         assert follows(observed, probs, z=Z_09995), (dims, chi_square(observed, probs))
 
 
+# Trained-head drafters (medusa, hydra, clover) with perturbed heads (q far from p), one over a reduced draft
+# vocabulary (q is zero on 3 of the 8 tokens), each checked like E2E_CASES; the broken case draws from q but hands
+# the verifier a uniform q, and the same test must reject it.
+HEADS_E2E_CASES = {
+    "medusa-rejection-tree": ("medusa", "rejection", dict(topk=3), dict(temperature=1.5, top_k=6), False),
+    "hydra-rejection-reduced-vocab": ("hydra", "rejection", dict(topk=2, width=2), dict(temperature=1.5,
+                                                                                         repetition_penalty=1.5), True),
+    "clover-spectr-iid": ("clover", "spectr", dict(topk=3, sample_tree="iid"), dict(temperature=1.5, top_p=0.9),
+                          False),
+    "broken-uniform-q": ("hydra", "rejection", dict(topk=1), dict(temperature=1.5), False),
+}
+
+
+@pytest.mark.parametrize("case", HEADS_E2E_CASES)
+def test_heads_drafters_three_token_distribution(case):
+    kind, verifier, options, kwargs, reduced = HEADS_E2E_CASES[case]
+    target = tiny_model("llama", vocab_size=V_E2E)
+    vocab = DraftVocab(torch.tensor([0, 2, 3, 5, 6]), V_E2E) if reduced else None
+    drafter = create_drafter(kind, target=target, heads=perturbed_heads(kind, target, draft_vocab=vocab, scale=3.0),
+                             **options)
+    if case.startswith("broken"):
+        propose = drafter.propose
+
+        def claim_uniform(state):
+            tree = propose(state)
+            probs = None if tree.draft_probs is None else torch.full_like(tree.draft_probs, 1 / V_E2E)
+            return DraftTree(tree.tokens, tree.parents, probs, tree.proposal)
+
+        drafter.propose = claim_uniform
+    engine = SpecEngine(target, drafter, verifier)
+    prompt = torch.tensor([[3, 5, 4, 7, 3, 6]])
+    g = torch.Generator().manual_seed(3)
+    counts = torch.zeros(V_E2E, V_E2E, V_E2E)
+    for _ in range(E2E_SAMPLES):
+        t1, t2, t3 = engine.generate(prompt, max_new_tokens=3, eos_token_id=None, do_sample=True, generator=g,
+                                     **kwargs).new_tokens[0].tolist()
+        counts[t1, t2, t3] += 1
+    expected = exact_three_tokens(target, prompt, kwargs)
+    results = [follows(counts.sum(dim=dims), expected.sum(dim=dims), z=Z_09995) for dims in [(2,), (0,)]]
+    assert all(results) != case.startswith("broken"), [chi_square(counts.sum(dim=dims), expected.sum(dim=dims))
+                                                       for dims in [(2,), (0,)]]
+
+
 def test_self_drafting_accepts_every_token():
     """With the target drafting for itself q == p after the same processors, so min(1, p/q) = 1 everywhere: every
     sampled chain is accepted whole (a processor applied to one side only would reject some)."""
@@ -510,7 +557,8 @@ class Watched(Drafter):
             torch.testing.assert_close(got.values, want.values, atol=1e-5, rtol=0)
 
 
-@pytest.mark.parametrize("options", [dict(mode="chain"), dict(mode="tree"), dict(mode="tree", sample_tree="iid"),
+@pytest.mark.parametrize("options", [dict(mode="chain"), dict(mode="tree", budget=12),
+                                     dict(mode="tree", sample_tree="iid", budget=12),
                                      dict(mode="tree", depth=10, topk=2, width=2, budget=30)],
                          ids=["chain", "tree-without-replacement", "tree-iid", "deep-tree"])
 @pytest.mark.parametrize("arch", ARCHS)
@@ -525,6 +573,33 @@ def test_sampled_drafts_keep_the_draft_cache_in_step(arch, options):
         eos_token_id=None)
     assert result.stats.new_tokens == 24
     assert max(result.stats.accepted_lengths) >= 3
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_an_empty_auto_sized_draft_leaves_the_draft_cache_in_step(arch):
+    """Forward costs so steep that budget="auto" keeps no node: the pool the draft model already read must leave
+    its cache at once (a sampled tree drafts more than one level before the budget is chosen)."""
+    target = tiny_model(arch)
+    drafter = Watched(create_drafter("draft-model", target=target, model=target, quantize=None, budget="auto"))
+    drafter.inner._costs = ForwardCosts((1, 2), (1.0, 3.0))  # a second token costs twice the first
+    result = SpecEngine(target, drafter, "rejection").generate(
+        tiny_prompt(), max_new_tokens=12, do_sample=True, temperature=0.8, generator=torch.Generator().manual_seed(0),
+        eos_token_id=None)
+    assert result.stats.new_tokens == 12 and set(result.stats.tree_sizes) == {0}
+    assert drafter.inner.forward_count > len(result.stats.tree_sizes)  # it did read pools it then dropped
+
+
+@pytest.mark.parametrize("new_tokens", range(8, 16))
+def test_a_last_step_without_draft_leaves_the_draft_cache_in_step(new_tokens):
+    """The last step of a generation may allow no draft at all (one token left): the draft model reads nothing
+    then, and its cache must stay as the previous, accepted step left it."""
+    target = tiny_model("llama")
+    drafter = Watched(create_drafter("draft-model", target=target, model=target, quantize=None, budget="auto"))
+    drafter.inner._costs = ForwardCosts((1, 64), (1.0, 1.0))  # flat: every node pays, long accepted paths
+    result = SpecEngine(target, drafter, "rejection").generate(
+        tiny_prompt(), max_new_tokens=new_tokens, do_sample=True, temperature=0.8,
+        generator=torch.Generator().manual_seed(new_tokens), eos_token_id=None)
+    assert result.stats.new_tokens == new_tokens
 
 
 def test_sampled_tree_keeps_whole_sibling_groups():
@@ -545,10 +620,32 @@ def test_sampled_tree_keeps_whole_sibling_groups():
             assert int((sizes != 3).sum()) <= 1 and int(sizes.min()) >= 1, sizes
 
 
+def test_sampled_heads_tree_keeps_whole_sibling_groups():
+    """The same for a trained-head drafter (the shared sampled pool), with several nodes expanded per level."""
+    target = tiny_model("llama")
+    drafter = create_drafter("hydra", target=target, heads=perturbed_heads("hydra", target), topk=3, width=3,
+                             budget=10, sample_tree="iid")
+    trees = []
+    propose = drafter.propose
+    drafter.propose = lambda state: trees.append(propose(state)) or trees[-1]
+    SpecEngine(target, drafter, "rejection").generate(
+        tiny_prompt(), max_new_tokens=12, do_sample=True, generator=torch.Generator().manual_seed(1),
+        eos_token_id=None)
+    assert any(tree.max_depth >= 2 for tree in trees)
+    for tree in trees:
+        if tree.size:
+            sizes = torch.bincount(tree.parents + 1)
+            sizes = sizes[sizes > 0]
+            assert tree.size <= 10 and int((sizes != 3).sum()) <= 1, sizes
+
+
 # ---------------------------------------------------------------------------------------------- determinism, errors
+# Fixed budgets: an "auto" budget follows measured timings, so the tree (and with it the random draws) may differ
+# between two runs with the same seed.
 @pytest.mark.parametrize("verifier,options", [
-    ("rejection", dict(mode="tree")), ("rejection", dict(mode="chain")),
-    ("spectr", dict(mode="tree", sample_tree="iid")), ("typical", dict(mode="tree", sample_tree="topk"))])
+    ("rejection", dict(mode="tree", budget=12)), ("rejection", dict(mode="chain")),
+    ("spectr", dict(mode="tree", sample_tree="iid", budget=12)),
+    ("typical", dict(mode="tree", sample_tree="topk", budget=12))])
 def test_deterministic_when_seeded(verifier, options):
     target = tiny_model("llama")
     drafter = create_drafter("draft-model", target=target, model=tiny_model("llama", seed=1), **options)

@@ -412,6 +412,18 @@ def exact_three_tokens(target, prompt: torch.Tensor, kwargs: dict) -> torch.Tens
     return joint.reshape(v, v, v)
 
 
+def _three_token_counts(engine: SpecEngine, target, kwargs: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    """(observed counts [V, V, V] of E2E_SAMPLES sampled 3-token answers, their exact distribution [V, V, V])."""
+    prompt = torch.tensor([[3, 5, 4, 7, 3, 6]])
+    g = torch.Generator().manual_seed(3)
+    counts = torch.zeros(V_E2E, V_E2E, V_E2E)
+    for _ in range(E2E_SAMPLES):
+        t1, t2, t3 = engine.generate(prompt, max_new_tokens=3, eos_token_id=None, do_sample=True, generator=g,
+                                     **kwargs).new_tokens[0].tolist()
+        counts[t1, t2, t3] += 1
+    return counts, exact_three_tokens(target, prompt, kwargs)
+
+
 @pytest.mark.parametrize("case", E2E_CASES)
 def test_generate_three_token_distribution(case):
     """The first three tokens of SpecEngine.generate(max_new_tokens=3) over E2E_SAMPLES seeded runs: t1 is sampled
@@ -423,15 +435,7 @@ def test_generate_three_token_distribution(case):
     target = tiny_model("llama", vocab_size=V_E2E)
     drafter = create_drafter("draft-model", target=target, model=tiny_model("llama", seed=1, vocab_size=V_E2E),
                              quantize=None, **options)
-    engine = SpecEngine(target, drafter, verifier)
-    prompt = torch.tensor([[3, 5, 4, 7, 3, 6]])
-    g = torch.Generator().manual_seed(3)
-    counts = torch.zeros(V_E2E, V_E2E, V_E2E)
-    for _ in range(E2E_SAMPLES):
-        t1, t2, t3 = engine.generate(prompt, max_new_tokens=3, eos_token_id=None, do_sample=True, generator=g,
-                                     **kwargs).new_tokens[0].tolist()
-        counts[t1, t2, t3] += 1
-    expected = exact_three_tokens(target, prompt, kwargs)
+    counts, expected = _three_token_counts(SpecEngine(target, drafter, verifier), target, kwargs)
     for dims in [(2,), (0,)]:  # (t1, t2), then (t2, t3)
         observed, probs = counts.sum(dim=dims), expected.sum(dim=dims)
         assert follows(observed, probs, z=Z_09995), (dims, chi_square(observed, probs))
@@ -466,15 +470,7 @@ def test_heads_drafters_three_token_distribution(case):
             return DraftTree(tree.tokens, tree.parents, probs, tree.proposal)
 
         drafter.propose = claim_uniform
-    engine = SpecEngine(target, drafter, verifier)
-    prompt = torch.tensor([[3, 5, 4, 7, 3, 6]])
-    g = torch.Generator().manual_seed(3)
-    counts = torch.zeros(V_E2E, V_E2E, V_E2E)
-    for _ in range(E2E_SAMPLES):
-        t1, t2, t3 = engine.generate(prompt, max_new_tokens=3, eos_token_id=None, do_sample=True, generator=g,
-                                     **kwargs).new_tokens[0].tolist()
-        counts[t1, t2, t3] += 1
-    expected = exact_three_tokens(target, prompt, kwargs)
+    counts, expected = _three_token_counts(SpecEngine(target, drafter, verifier), target, kwargs)
     results = [follows(counts.sum(dim=dims), expected.sum(dim=dims), z=Z_09995) for dims in [(2,), (0,)]]
     assert all(results) != case.startswith("broken"), [chi_square(counts.sum(dim=dims), expected.sum(dim=dims))
                                                        for dims in [(2,), (0,)]]

@@ -16,8 +16,9 @@ from specdec.training.feature_cache import FeatureCache
 from specdec.training.instructions import (TrainingPrompt, benchmark_shingles, collect_prompts, grow,
                                            parse_instructions, read_seeds, shingles)
 from specdec.training.jsonl import read_rows
+from specdec.training.target_forward import forward_features, greedy_generate
 from specdec.training.trainer import train_heads_on
-from tiny_models import VOCAB, tiny_model, word_tokenizer
+from tiny_models import VOCAB, greedy_reference, tiny_model, tiny_prompt, word_tokenizer
 
 RECIPE = TrainRecipe(kinds=("medusa",), draft_vocab_size=64, num_prompts=None, max_new_tokens=40, generate_batch=16,
                      chunk_size=32, batch_size=8, max_epochs=25, eval_every=60, lr=5e-3, budget_minutes=None,
@@ -125,6 +126,28 @@ def test_feature_cache_redoes_only_unfinished_chunks(tmp_path, monkeypatch):
         assert torch.equal(a.features.top_ids[:, 0], b.features.top_ids[:, 0])
         torch.testing.assert_close(a.features.hidden.float(), b.features.hidden.float(), atol=0.02, rtol=0.02)
     assert len({r["id"] for r in read_rows(tmp_path / "answers.jsonl")}) == 40
+
+
+@pytest.mark.parametrize("arch", ["qwen2", "llama"])
+def test_batched_answers_and_captured_features_match_one_prompt_at_a_time(arch, monkeypatch):
+    model = tiny_model(arch)
+    prompts = [tiny_prompt(seed, n)[0].tolist() for seed, n in [(0, 5), (1, 9), (2, 12), (3, 1)]]
+    refs = [greedy_reference(model, torch.tensor([p]), 16)[0, len(p):].tolist() for p in prompts]
+    stop = refs[0][5]  # an EOS that ends row 0 early (and any other row that emits it)
+    monkeypatch.setattr(model.generation_config, "eos_token_id", [stop])
+    expected = [r[: r.index(stop) + 1] if stop in r else r for r in refs]
+    assert len({len(e) for e in expected}) > 1  # rows end at different steps
+    gens = greedy_generate(model, prompts, 16, pad_id=2, capture=True, top_k=4)
+    assert [g.answer_ids for g in gens] == expected
+    fresh = forward_features(model, [(p + e[:-1], len(p)) for p, e in zip(prompts, expected)], top_k=4)
+    for g, f in zip(gens, fresh):
+        c = g.features
+        assert c.prompt_len == f.prompt_len and torch.equal(c.tokens, f.tokens)
+        assert torch.equal(c.top_ids, f.top_ids)
+        torch.testing.assert_close(c.top_probs, f.top_probs, atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(c.hidden.float(), f.hidden.float(), atol=0.02, rtol=0.02)
+    plain = greedy_generate(model, prompts, 16, pad_id=2)
+    assert [g.answer_ids for g in plain] == expected and all(g.features is None for g in plain)
 
 
 def test_seed_list_shares_no_text_with_spec_bench():

@@ -71,61 +71,84 @@ def _decoder_forward(model, ids, mask, positions, cache=None):
     return decoder(**kwargs).last_hidden_state  # [B, n, d], after the final norm
 
 
+def _top_k_of_logits(logits: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(probs [N, k], ids [N, k]) of softmax(``logits`` [N, V]) without materialising the softmax."""
+    top = logits.topk(k, dim=-1)
+    return torch.exp(top.values - torch.logsumexp(logits, dim=-1, keepdim=True)), top.indices
+
+
 @torch.inference_mode()
 def greedy_generate(model, prompts: list[list[int]], max_new_tokens: int, pad_id: int, capture: bool = False,
                     top_k: int = 8) -> list[Generation]:
     """Greedy answers of ``model`` to a batch of encoded prompts (left-padded, one KV cache), each stopped at its
     first EOS or after ``max_new_tokens``; with ``capture`` also each sequence's features.
 
-    Captured features cover prompt + answer except the last answer token when it is not an EOS (its state would
-    need one more forward); they match a fresh forward up to the rounding of batched, cached arithmetic.
+    Captured features cover the prompt and every answer token but the last (which is never fed back: it is the
+    label of the last position). The top-k of an answer position comes from the logits the decode step computes
+    anyway to pick the next token; only the prompt positions need an extra pass of the output embedding. They match
+    a fresh forward up to the rounding of batched, cached arithmetic. The loop holds no per-row Python work: the
+    answers and states are cut per row once, at the end.
     """
     from transformers import DynamicCache
 
     assert prompts and all(prompts), "every prompt needs at least one token"
     device = model.get_input_embeddings().weight.device
-    eos = eos_ids_of(model)
+    eos = torch.tensor(sorted(eos_ids_of(model)), dtype=torch.long, device=device)
     b, width = len(prompts), max(len(p) for p in prompts)
+    lengths = torch.tensor([len(p) for p in prompts])
     ids = torch.full((b, width), pad_id, dtype=torch.long)
-    mask = torch.zeros((b, width), dtype=torch.long)
+    mask = torch.zeros((b, width + max_new_tokens), dtype=torch.long)  # grows into its preallocated columns
     for i, p in enumerate(prompts):
         ids[i, width - len(p):] = torch.tensor(p)
-        mask[i, width - len(p):] = 1
+        mask[i, width - len(p):width] = 1
     ids, mask = ids.to(device), mask.to(device)
-    positions = (mask.cumsum(-1) - 1).clamp(min=0)
+    positions = (mask[:, :width].cumsum(-1) - 1).clamp(min=0)
     cache = DynamicCache()
-    answers: list[list[int]] = [[] for _ in range(b)]
-    states: list[list[torch.Tensor]] = [[] for _ in range(b)]  # per row: [n, d] slices of fed tokens' states
+    tokens = torch.full((b, max_new_tokens), pad_id, dtype=torch.long, device=device)
     done = torch.zeros(b, dtype=torch.bool, device=device)
-    hidden = _decoder_forward(model, ids, mask, positions, cache)
-    if capture:
-        for i, p in enumerate(prompts):
-            states[i].append(hidden[i, width - len(p):].to(torch.bfloat16).cpu())
+    steps_done = torch.full((b,), max_new_tokens, dtype=torch.long)  # answer length per row (EOS included)
+    fed_states, step_probs, step_ids = [], [], []  # per decode step: [B, d], [B, k], [B, k]
+    hidden = _decoder_forward(model, ids, mask[:, :width], positions, cache)
+    prompt_hidden = hidden
+    step = 0
     for step in range(max_new_tokens):
-        nxt = _logits(model, hidden[:, -1]).argmax(-1)  # [B]
-        for i in range(b):
-            if not done[i]:
-                answers[i].append(int(nxt[i]))
-                done[i] = int(nxt[i]) in eos
+        logits = _logits(model, hidden[:, -1])  # [B, V]
+        nxt = logits.argmax(-1)
+        if capture:
+            probs, top = _top_k_of_logits(logits, top_k)
+            step_probs.append(probs)
+            step_ids.append(top)
+        tokens[:, step] = torch.where(done, pad_id, nxt)
+        ended = ~done & torch.isin(nxt, eos)
+        steps_done[ended.cpu()] = step + 1
+        done |= ended
         if bool(done.all()) or step == max_new_tokens - 1:
             break
-        fed = torch.where(done, torch.full_like(nxt, pad_id), nxt)[:, None]
-        alive = (~done).long()[:, None]
-        mask = torch.cat([mask, alive], dim=1)  # a finished row's new slots are masked out
+        mask[:, width + step] = (~done).long()  # a finished row's new slots are masked out
         positions = positions[:, -1:] + 1
-        hidden = _decoder_forward(model, fed, mask, positions, cache)
+        hidden = _decoder_forward(model, torch.where(done, pad_id, nxt)[:, None], mask[:, :width + step + 1],
+                                  positions, cache)
         if capture:
-            for i in range(b):
-                if alive[i, 0]:
-                    states[i].append(hidden[i].to(torch.bfloat16).cpu())
+            fed_states.append(hidden[:, -1].to(torch.bfloat16).cpu())
+    tokens = tokens.cpu()
+    answers = [tokens[i, : min(int(steps_done[i]), step + 1)].tolist() for i in range(b)]
+    if not capture:
+        return [Generation(p, a, None) for p, a in zip(prompts, answers)]
+    # Prompt positions but the last (its next-token distribution is the first decode step's): one batched pass.
+    rows = [prompt_hidden[i, width - len(p): width - 1] for i, p in enumerate(prompts)]
+    p_probs, p_ids = top_k_next(model, torch.cat(rows), top_k) if sum(len(p) - 1 for p in prompts) else \
+        (torch.zeros(0, top_k), torch.zeros(0, top_k, dtype=torch.long))
+    p_probs, p_ids = p_probs.cpu().split((lengths - 1).tolist()), p_ids.cpu().split((lengths - 1).tolist())
+    decode_probs = torch.stack(step_probs, 1).cpu()  # [B, S, k]: after the last prompt token, then each fed token
+    decode_ids = torch.stack(step_ids, 1).cpu()
+    states = torch.stack(fed_states, 1) if fed_states else torch.zeros(b, 0, hidden.shape[-1], dtype=torch.bfloat16)
     out = []
     for i, p in enumerate(prompts):
-        features = None
-        if capture:
-            h = torch.cat(states[i])  # states of prompt + every answer token fed back
-            tokens = torch.tensor(p + answers[i])[: h.shape[0]]
-            probs, top = top_k_next(model, h.to(model.dtype).to(device), top_k)
-            features = SequenceFeatures(tokens, h, top.cpu(), probs.cpu(), len(p))
+        n = len(answers[i]) - 1  # answer tokens fed back
+        h = torch.cat([prompt_hidden[i, width - len(p):].to(torch.bfloat16).cpu(), states[i, :n]])
+        features = SequenceFeatures(torch.tensor(p + answers[i][:n]), h,
+                                    torch.cat([p_ids[i], decode_ids[i, : n + 1]]),
+                                    torch.cat([p_probs[i], decode_probs[i, : n + 1]]), len(p))
         out.append(Generation(p, answers[i], features))
     return out
 

@@ -128,7 +128,7 @@ def test_feature_cache_redoes_only_unfinished_chunks(tmp_path, monkeypatch):
     assert len({r["id"] for r in read_rows(tmp_path / "answers.jsonl")}) == 40
 
 
-@pytest.mark.parametrize("arch", ["qwen2", "llama"])
+@pytest.mark.parametrize("arch", ["qwen2", "llama", "gemma3"])
 def test_batched_answers_and_captured_features_match_one_prompt_at_a_time(arch, monkeypatch):
     model = tiny_model(arch)
     prompts = [tiny_prompt(seed, n)[0].tolist() for seed, n in [(0, 5), (1, 9), (2, 12), (3, 1)]]

@@ -14,7 +14,7 @@ PIP := PIP_CONSTRAINT=$(CONSTRAINTS) $(PY) -m pip
 LATEST := .venv-latest
 TORCH := torch==2.13.0
 
-.PHONY: demo test bench install test-latest wheel-smoke lock clean
+.PHONY: demo test bench install llamacpp test-latest wheel-smoke lock clean
 
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -34,6 +34,13 @@ demo: $(STAMP)
 
 bench: $(STAMP)
 	$(VENV)/bin/specdec bench --config qwen-coder-pair --output results/latest
+
+# llama.cpp for the llama-cpp benchmark baselines, built from PyPI source (6-15 minutes on 2 cores) with the CPU's
+# own instruction set but no AMX: some VMs advertise AMX that the OS does not enable (docs/benchmarks.md).
+NO_AMX := -mno-amx-tile -mno-amx-int8 -mno-amx-bf16
+llamacpp: $(STAMP)
+	CFLAGS="$(NO_AMX)" CXXFLAGS="$(NO_AMX)" CMAKE_ARGS="-DGGML_NATIVE=ON -DLLAVA_BUILD=OFF" \
+		$(PIP) install --quiet -e ".[test,bench,llamacpp]"
 
 # A fresh venv with the newest versions pyproject.toml allows (no lock), then the whole suite: run it whenever the
 # registries may have moved. Prints the versions it got.

@@ -23,6 +23,7 @@ class RunRecord:
 class Method(ABC):
     name: str
     kind: str  # "baseline" or "specdec"
+    exact = True  # same numerics as plain greedy: a different output is examined as a near-tie or an error
 
     @abstractmethod
     def generate(self, input_ids: torch.Tensor, max_new_tokens: int, eos_token_id, seed: int = 0) -> RunRecord:
@@ -103,8 +104,13 @@ def sampling_of(cfg: dict) -> Sampling:
                     cfg.get("top_p"))
 
 
-def build_method(spec: dict, target, draft=None, sampling: Sampling = Sampling()) -> Method:
-    """One method from a preset entry: ``{name, drafter | baseline, options, verifier}``."""
+BASELINES = ("plain", "hf-assisted", "hf-prompt-lookup", "llama-cpp", "llama-cpp-prompt-lookup")
+
+
+def build_method(spec: dict, target, draft=None, sampling: Sampling = Sampling(), gguf: str | None = None,
+                 threads: int | None = None) -> Method:
+    """One method from a preset entry: ``{name, drafter | baseline, options, verifier}``; the llama-cpp baselines
+    run ``gguf`` (the GGUF file the target was converted from) on ``threads`` threads."""
     name = spec["name"]
     options = dict(spec.get("options") or {})
     baseline = spec.get("baseline")
@@ -116,8 +122,16 @@ def build_method(spec: dict, target, draft=None, sampling: Sampling = Sampling()
         return HFGenerate(name, target, {"assistant_model": draft, **options}, sampling)
     if baseline == "hf-prompt-lookup":
         return HFGenerate(name, target, {"prompt_lookup_num_tokens": options.get("num_tokens", 10)}, sampling)
+    if baseline in ("llama-cpp", "llama-cpp-prompt-lookup"):
+        from specdec.benchmarks.llama_cpp import LlamaCppGenerate
+
+        if gguf is None:
+            raise InvalidInputError(f"the {baseline} baseline needs the target's GGUF file: name a registered model "
+                                    "as target (specdec models), not a folder")
+        lookup = options.get("num_tokens", 10) if baseline == "llama-cpp-prompt-lookup" else 0
+        return LlamaCppGenerate(name, str(gguf), threads or torch.get_num_threads(), sampling, lookup)
     if baseline is not None:
-        raise UnknownNameError(f"unknown baseline {baseline!r}; valid: plain, hf-assisted, hf-prompt-lookup")
+        raise UnknownNameError(f"unknown baseline {baseline!r}; valid: {', '.join(BASELINES)}")
     drafter_name = spec.get("drafter", name)
     if spec.get("uses_draft_model", drafter_name == "draft-model"):
         if draft is None:

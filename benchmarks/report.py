@@ -11,9 +11,17 @@ from specdec.benchmarks.run import PromptResult
 
 COLUMNS = ("method", "tok/s", "speedup", "vs HF assisted", "pooled speedup", "tau", "identical", "near-ties", "budget",
            "draft ms/step", "draft s", "verify s")
+LLAMA_CPP_COLUMN = "vs llama.cpp"  # after "vs HF assisted", in runs with a llama-cpp baseline
+
+
+def columns(summary: dict) -> tuple[str, ...]:
+    if not any("speedup_vs_llama-cpp" in e for e in summary.values()):
+        return COLUMNS
+    return COLUMNS[:4] + (LLAMA_CPP_COLUMN,) + COLUMNS[4:]
 
 
 def table_rows(summary: dict) -> list[list[str]]:
+    with_llama_cpp = LLAMA_CPP_COLUMN in columns(summary)
     rows = []
     for name, e in summary.items():
         rows.append([
@@ -21,10 +29,12 @@ def table_rows(summary: dict) -> list[list[str]]:
             f"{e['tokens_per_s']:.2f}",
             f"{e['speedup']:.2f}x",
             f"{e['speedup_vs_hf-assisted']:.2f}x" if "speedup_vs_hf-assisted" in e else "-",
+            *([f"{e['speedup_vs_llama-cpp']:.2f}x"] if with_llama_cpp else []),
             f"{e['pooled_speedup']:.2f}x" + (f" / {e['pooled_speedup_vs_hf-assisted']:.2f}x"
                                              if "pooled_speedup_vs_hf-assisted" in e else ""),
             f"{e['tau']:.2f}" if "tau" in e else "-",
             "n/a (sampled)" if e["identical"] is None else f"{e['identical']}/{e['prompts']}",
+            "n/a (own numerics)" if e.get("own_numerics") else
             str(e["near_ties"]) if e["identical"] is not None and e["identical"] < e["prompts"] else "-",
             f"{e['median_tree_budget']:g}" if "median_tree_budget" in e else "-",
             f"{e['draft_ms_per_step']:.1f}" if "draft_ms_per_step" in e else "-",
@@ -35,14 +45,14 @@ def table_rows(summary: dict) -> list[list[str]]:
 
 
 def format_table(summary: dict, markdown: bool = False) -> str:
-    rows = table_rows(summary)
+    rows, cols = table_rows(summary), columns(summary)
     if markdown:
-        lines = ["| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
+        lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
         lines += ["| " + " | ".join(r) + " |" for r in rows]
         return "\n".join(lines)
-    widths = [max(len(c), *(len(r[i]) for r in rows)) for i, c in enumerate(COLUMNS)]
+    widths = [max(len(c), *(len(r[i]) for r in rows)) for i, c in enumerate(cols)]
     fmt = "  ".join(f"{{:<{w}}}" for w in widths)
-    return "\n".join([fmt.format(*COLUMNS), fmt.format(*("-" * w for w in widths))] + [fmt.format(*r) for r in rows])
+    return "\n".join([fmt.format(*cols), fmt.format(*("-" * w for w in widths))] + [fmt.format(*r) for r in rows])
 
 
 def raw_records(results: list[PromptResult]) -> list[dict]:

@@ -58,21 +58,31 @@ def run_benchmark(methods: list[Method], prompts: list[Prompt], encode, max_new_
         if reference in res.runs and target is not None and not sampled:
             res.compared = True
             ref = res.runs[reference].new_tokens
-            for name, run in res.runs.items():
-                if name != reference and not torch.equal(run.new_tokens, ref):
-                    res.divergence[name] = first_difference(target, ids, ref, run.new_tokens)
+            for m in methods:
+                run = res.runs[m.name]
+                if m.name != reference and not torch.equal(run.new_tokens, ref):
+                    res.divergence[m.name] = (first_difference(target, ids, ref, run.new_tokens) if m.exact
+                                              else {**first_mismatch(ref, run.new_tokens), "kind": "own-numerics"})
         results.append(res)
     bar.close()
     return results
 
 
-def first_difference(target, input_ids: torch.Tensor, ref: torch.Tensor, other: torch.Tensor) -> dict:
-    """Where ``other`` leaves ``ref`` and how close the target's top-2 logits were there."""
+def first_mismatch(ref: torch.Tensor, other: torch.Tensor) -> dict:
+    """The first position where ``other`` leaves ``ref`` (kind "token"), or where the shorter one ends ("length")."""
     n = min(ref.numel(), other.numel())
     diff = torch.nonzero(ref[:n] != other[:n]).flatten()
     if diff.numel() == 0:
         return {"position": n, "kind": "length", "ref_len": ref.numel(), "other_len": other.numel()}
-    j = int(diff[0])
+    return {"position": int(diff[0]), "kind": "token"}
+
+
+def first_difference(target, input_ids: torch.Tensor, ref: torch.Tensor, other: torch.Tensor) -> dict:
+    """Where ``other`` leaves ``ref`` and how close the target's top-2 logits were there."""
+    where = first_mismatch(ref, other)
+    if where["kind"] == "length":
+        return where
+    j = where["position"]
     runner = CausalLMRunner(target)
     logits = runner.prefill(torch.cat([input_ids, ref[None, :j].to(input_ids.device)], dim=1)).logits[-1]
     top = logits.topk(2)
@@ -85,11 +95,13 @@ def first_difference(target, input_ids: torch.Tensor, ref: torch.Tensor, other: 
 
 
 def summarize(results: list[PromptResult], reference: str = "plain", assisted: str | None = "hf-assisted",
-              sampled: bool = False) -> dict:
+              sampled: bool = False, llama_cpp: str | None = None) -> dict:
     """Per method: median tokens/s, median per-prompt speedups, pooled tau, exactness, depth acceptance, time split.
 
     Besides medians of per-prompt ratios, ``pooled_*`` figures divide all tokens by all seconds: with sampling (or
     EOS) the methods' outputs differ in length, and a 16-token answer's tokens/s is mostly prefill.
+
+    ``assisted`` and ``llama_cpp`` name the baselines that every method is also compared with (``speedup_vs_<name>``).
 
     ``sampled``: exactness is not defined (``identical`` and ``near_ties`` are None).
     """
@@ -107,10 +119,10 @@ def summarize(results: list[PromptResult], reference: str = "plain", assisted: s
         }
         entry["pooled_tokens_per_s"] = _pooled(rows, name)  # all tokens / all seconds: robust to unequal lengths
         entry["pooled_speedup"] = entry["pooled_tokens_per_s"] / _pooled(rows, reference)
-        if assisted and all(assisted in r.runs for r in rows):
-            entry["speedup_vs_" + assisted] = statistics.median(
-                _tps(r.runs[name]) / _tps(r.runs[assisted]) for r in rows)
-            entry["pooled_speedup_vs_" + assisted] = entry["pooled_tokens_per_s"] / _pooled(rows, assisted)
+        for other in (assisted, llama_cpp):
+            if other and all(other in r.runs for r in rows):
+                entry["speedup_vs_" + other] = statistics.median(_tps(r.runs[name]) / _tps(r.runs[other]) for r in rows)
+                entry["pooled_speedup_vs_" + other] = entry["pooled_tokens_per_s"] / _pooled(rows, other)
         stats = [r.runs[name].stats for r in rows if r.runs[name].stats]
         if stats:
             lengths = [a for s in stats for a in s["accepted_lengths"]]
@@ -129,6 +141,7 @@ def summarize(results: list[PromptResult], reference: str = "plain", assisted: s
                 entry["drafter_info"] = stats[-1]["drafter_info"]  # Drafter.describe() after the last prompt
             entry["lossless"] = all(s["lossless"] for s in stats)
         entry["near_ties"] = None if sampled else sum(1 for r in rows if r.divergence.get(name, {}).get("near_tie"))
+        entry["own_numerics"] = any(r.divergence.get(name, {}).get("kind") == "own-numerics" for r in rows)
         entry["by_category"] = _by_category(rows, name, reference)
         summary[name] = entry
     return summary

@@ -40,7 +40,9 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--categories", help="comma-separated categories (Spec-Bench main or sub categories)")
     bench.add_argument("--limit", type=int, help="number of prompts, round-robin over categories")
     bench.add_argument("--prompts", help="JSONL prompt file (default: the shipped Spec-Bench questions)")
-    bench.add_argument("--baselines", help="comma-separated: plain,hf-assisted,hf-prompt-lookup")
+    bench.add_argument("--baselines", help="comma-separated: plain,hf-assisted,hf-prompt-lookup,llama-cpp,"
+                                           "llama-cpp-prompt-lookup (llama.cpp on the target's GGUF file: "
+                                           "pip install 'specdec[llamacpp]')")
     bench.add_argument("--output", help="folder for results.json, report.md and the plots")
     bench.add_argument("--no-progress", action="store_true")
     gen = sub.add_parser("generate", help="generate from one prompt, streaming the text")
@@ -128,6 +130,15 @@ def _load(models, name: str, dtype, tokenizer: bool = True):
     return models.load(name, dtype=dtype, tokenizer=tokenizer)
 
 
+def _gguf_of(target: str):
+    """The GGUF file of a registered target (what the llama-cpp baselines run); None for a local folder."""
+    from pathlib import Path
+
+    from specdec import models
+
+    return None if Path(target).is_dir() else models.gguf_path(target)
+
+
 def cmd_bench(cfg: dict, progress: bool) -> int:
     import torch
 
@@ -154,14 +165,20 @@ def cmd_bench(cfg: dict, progress: bool) -> int:
     sampling = sampling_of(cfg)
     for s in cfg["drafter_entries"]:
         s.setdefault("verifier", cfg.get("verifier") or ("rejection" if sampling.do_sample else "greedy"))
-    methods = [build_method(s, target, draft, sampling) for s in specs]
+    gguf = None
+    if any(b.startswith("llama-cpp") for b in baselines):
+        from specdec.benchmarks.llama_cpp import import_llama_cpp
+
+        import_llama_cpp()  # before anything runs: a missing extra is a clear error, not a failure mid-benchmark
+        gguf = _gguf_of(cfg["target"])
+    methods = [build_method(s, target, draft, sampling, gguf=gguf, threads=torch.get_num_threads()) for s in specs]
     eos = target.generation_config.eos_token_id
     encode = lambda p: P.encode(tokenizer, p, chat=cfg.get("chat", True))  # noqa: E731
     results = run_benchmark(methods, selected, encode, cfg["max_new_tokens"], eos, target=target,
                             warmup_prompt=selected[0], progress=progress, sampled=sampling.do_sample,
                             seed=int(cfg["seed"]))
     summary = summarize(results, assisted="hf-assisted" if "hf-assisted" in baselines else None,
-                        sampled=sampling.do_sample)
+                        sampled=sampling.do_sample, llama_cpp="llama-cpp" if "llama-cpp" in baselines else None)
     del methods, target, draft  # the report needs none of them: plotting must not add to the run's peak memory
     release_memory()
     print(format_table(summary))

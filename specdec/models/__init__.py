@@ -6,11 +6,18 @@ from pathlib import Path
 
 from specdec.errors import CorruptCacheError
 from specdec.memory import release_memory
-from specdec.models.fetch import check_converted, default_cache_dir, ensure_converted, refetch_hint
+from specdec.models.fetch import (
+    check_converted,
+    default_cache_dir,
+    ensure_converted,
+    ensure_gguf,
+    model_lock,
+    refetch_hint,
+)
 from specdec.models.reading import reads_not_maps
 from specdec.models.registry import MODELS, ModelSpec, get_spec
 
-__all__ = ["MODELS", "ModelSpec", "available_models", "load", "load_folder", "local_path"]
+__all__ = ["MODELS", "ModelSpec", "available_models", "gguf_path", "load", "load_folder", "local_path"]
 
 
 def available_models() -> list[str]:
@@ -20,6 +27,14 @@ def available_models() -> list[str]:
 def local_path(name: str, cache_dir: str | Path | None = None) -> Path:
     """Fetch, verify and convert ``name`` if needed; return the folder of its safetensors and tokenizer."""
     return ensure_converted(get_spec(name), Path(cache_dir) if cache_dir else default_cache_dir())
+
+
+def gguf_path(name: str, cache_dir: str | Path | None = None) -> Path:
+    """The sha256-checked GGUF file of ``name`` (the quantized original that llama.cpp runs), fetched if needed."""
+    spec = get_spec(name)
+    cache = Path(cache_dir) if cache_dir else default_cache_dir()
+    with model_lock(spec, cache):
+        return ensure_gguf(spec, cache)
 
 
 def load(name: str, dtype=None, device=None, cache_dir: str | Path | None = None, tokenizer: bool = True):

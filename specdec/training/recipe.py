@@ -22,10 +22,11 @@ class TrainRecipe:
     sizes: dict = field(default_factory=dict)  # kind-specific head sizes (build_heads **sizes); empty: defaults
     # --- data
     seeds: str | None = None  # seed instruction JSONL; None: the shipped data/seed_tasks.jsonl
-    grow_requests: int = 48  # self-instruct requests (~8 new instructions each); 0: seeds only
+    grow_requests: int = 400  # self-instruct requests (~8 new instructions each); 0: seeds only. On CPU the growth
+    # deadline (15% of the data share) binds first
     grow_per_request: int = 8  # instructions asked for per request
     grow_max_new_tokens: int = 256  # enough for ~8 one-line instructions
-    num_prompts: int | None = 384  # prompts answered (seeds first); None: all there are. 24 batches of 16 on CPU
+    num_prompts: int | None = None  # prompts answered (seeds first); None: all there are (the data deadline binds)
     max_new_tokens: int = 192  # answer length cap: most answers end before it; a batch runs as long as its longest
     chat: bool = True  # send prompts through the tokenizer's chat template when it has one
     generate_batch: int = 16  # decode batch: on 2 cores 16 tokens cost 1.6x one, 64 cost 3.2x

@@ -109,11 +109,16 @@ _PREPARED: "weakref.WeakKeyDictionary[torch.nn.Module, dict]" = weakref.WeakKeyD
 
 
 def _prepare(model: torch.nn.Module, config: DraftModelConfig) -> torch.nn.Module:
-    """The model that drafts: int8-quantized on CPU by default (3x cheaper than bf16 there; proposals only).
+    """The model that drafts: int8-quantized on CPU by default (3x cheaper than bf16 there; proposals only); a model
+    loaded with ``weights="int8"`` (specdec.kernels) is used as it is.
 
     Converted copies are shared by every drafter built from the same model (a 0.5B copy costs ~1 GB).
     """
+    from specdec.kernels import weights_kind
+
     on_cpu = model.get_input_embeddings().weight.device.type == "cpu"
+    if weights_kind(model) == "int8":
+        return model.eval()  # loaded with weights="int8": already on the int8 kernel, drafts as it is
     quantize = config.quantize == "int8" or (config.quantize == "auto" and on_cpu)
     if quantize and not on_cpu:
         raise InvalidInputError("quantize='int8' uses torch's CPU dynamic quantization; the draft model is not on CPU")

@@ -189,15 +189,20 @@ def measure_forward_costs(model: torch.nn.Module, sizes: tuple[int, ...] = DEFAU
 
 
 def cost_key(model: torch.nn.Module, sizes: tuple[int, ...] = DEFAULT_SIZES, context: int = 256) -> str:
-    """What the cost of a forward depends on: the model, its device and dtype, torch's threads, the measurement."""
+    """What the cost of a forward depends on: the model, its device, dtype and weight format, torch's threads, the
+    measurement."""
+    from specdec.kernels import weights_kind
+
     config = text_config(model)
     weight = model.get_input_embeddings().weight
     device = str(weight.device)
     if weight.device.type == "cuda":
         device += f" ({torch.cuda.get_device_name(weight.device)})"
     layers = getattr(config, "num_hidden_layers", None)
+    kind = weights_kind(model)
+    weights = "" if kind == "dense" else f"|weights={kind}"  # dense keys stay as they were
     return (f"{getattr(model.config, 'name_or_path', '')}|{type(model).__name__}|hidden={config.hidden_size}|"
-            f"layers={layers}|{device}|{weight.dtype}|threads={torch.get_num_threads()}|"
+            f"layers={layers}|{device}|{weight.dtype}{weights}|threads={torch.get_num_threads()}|"
             f"sizes={','.join(map(str, sizes))}|context={context}")
 
 

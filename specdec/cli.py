@@ -20,6 +20,9 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"],
                    help="target, draft and baseline precision (auto: bf16 where the hardware has it natively, else "
                         "fp32; the presets name theirs)")
+    p.add_argument("--weights", choices=["dense", "int8"],
+                   help="target and draft weights: dense (default: every weight in --dtype) or int8 (weight-only "
+                        "int8 on the native CPU kernel, docs/cpu-fast-path.md)")
     p.add_argument("--threads", type=int, help="torch CPU threads")
     p.add_argument("--drafter", action="append", help="preset drafter entry or registered drafter (repeatable)")
     p.add_argument("--verifier", help="acceptance rule (default greedy)")
@@ -80,6 +83,7 @@ def settings(args: argparse.Namespace) -> dict:
             value = [v.strip() for v in value.split(",") if v.strip()]
         cfg[key] = value
     cfg.setdefault("dtype", "auto")
+    cfg.setdefault("weights", "dense")
     cfg.setdefault("max_new_tokens", 128)
     cfg.setdefault("do_sample", False)
     cfg.setdefault("temperature", 1.0)
@@ -111,23 +115,24 @@ def load_models(cfg: dict):
     from specdec import models
 
     dtype = None if cfg["dtype"] == "auto" else getattr(torch, cfg["dtype"])  # None: native bf16, else fp32
-    target, tokenizer = _load(models, cfg["target"], dtype)
+    weights = cfg.get("weights", "dense")
+    target, tokenizer = _load(models, cfg["target"], dtype, weights=weights)
     cfg["dtype"] = str(target.dtype).removeprefix("torch.")  # what "auto" chose, for the report
     draft = None
-    if cfg.get("draft"):
-        draft, _ = _load(models, cfg["draft"], target.dtype, tokenizer=False)  # it shares the target's tokenizer
+    if cfg.get("draft"):  # it shares the target's tokenizer
+        draft, _ = _load(models, cfg["draft"], target.dtype, tokenizer=False, weights=weights)
     return target, draft, tokenizer
 
 
-def _load(models, name: str, dtype, tokenizer: bool = True):
+def _load(models, name: str, dtype, tokenizer: bool = True, weights: str = "dense"):
     from pathlib import Path
 
     from specdec.memory import limit_heap_retention
 
     limit_heap_retention()  # freed loading temporaries and activations go back to the OS (peak RSS)
     if Path(name).is_dir():  # read, not memory-mapped (peak RSS)
-        return models.load_folder(name, dtype=dtype, tokenizer=tokenizer)
-    return models.load(name, dtype=dtype, tokenizer=tokenizer)
+        return models.load_folder(name, dtype=dtype, tokenizer=tokenizer, weights=weights)
+    return models.load(name, dtype=dtype, tokenizer=tokenizer, weights=weights)
 
 
 def _gguf_of(target: str):
@@ -182,7 +187,7 @@ def cmd_bench(cfg: dict, progress: bool) -> int:
     del methods, target, draft  # the report needs none of them: plotting must not add to the run's peak memory
     release_memory()
     print(format_table(summary))
-    setup = {k: cfg.get(k) for k in ("target", "draft", "dtype", "threads", "max_new_tokens", "verifier",
+    setup = {k: cfg.get(k) for k in ("target", "draft", "dtype", "weights", "threads", "max_new_tokens", "verifier",
                                      "do_sample", "temperature", "top_k", "top_p", "seed")}
     setup.update(prompts=len(selected), categories=sorted({p.main_category for p in selected}))
     out_dir = cfg.get("output") or "results/latest"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 
 from specdec.errors import CorruptCacheError
@@ -37,34 +38,69 @@ def gguf_path(name: str, cache_dir: str | Path | None = None) -> Path:
         return ensure_gguf(spec, cache)
 
 
-def load(name: str, dtype=None, device=None, cache_dir: str | Path | None = None, tokenizer: bool = True):
+WEIGHTS = ("dense", "int8")
+
+
+def load(name: str, dtype=None, device=None, cache_dir: str | Path | None = None, tokenizer: bool = True,
+         weights: str = "dense"):
     """Return ``(model, tokenizer)`` for one of :func:`available_models`.
 
     ``dtype=None`` picks the precision that is fast and exact on ``device`` (default CPU): bf16 where it is native
     (AVX-512 BF16 / AMX on a CPU, or a GPU that supports it), fp32 otherwise (:mod:`specdec.precision`).
-    ``tokenizer=False`` returns ``(model, None)`` (a draft model shares the target's tokenizer)."""
-    return load_folder(local_path(name, cache_dir), dtype=dtype, device=device, name=name, tokenizer=tokenizer)
+    ``tokenizer=False`` returns ``(model, None)`` (a draft model shares the target's tokenizer).
+    ``weights``: ``"dense"`` (every weight in ``dtype``) or ``"int8"`` (weight-only int8 linear layers, LM head
+    included, on the native CPU kernel: :mod:`specdec.kernels`, docs/cpu-fast-path.md)."""
+    return load_folder(local_path(name, cache_dir), dtype=dtype, device=device, name=name, tokenizer=tokenizer,
+                       weights=weights)
 
 
-def load_folder(folder: str | Path, dtype=None, device=None, name: str | None = None, tokenizer: bool = True):
+def load_folder(folder: str | Path, dtype=None, device=None, name: str | None = None, tokenizer: bool = True,
+                weights: str = "dense"):
     """``(model, tokenizer)`` from a HF folder, reading the safetensors without memory-mapping them (peak memory:
-    :mod:`specdec.models.reading`); ``dtype`` as in :func:`load`. With ``name`` (a cached model), an unreadable
-    file is reported as a CorruptCacheError naming the refetch command, and on the CPU an untied input-embedding
-    table is kept on disk, memory-mapped (:mod:`specdec.models.mapped_embedding`)."""
+    :mod:`specdec.models.reading`); ``dtype`` and ``weights`` as in :func:`load`. With ``name`` (a cached model),
+    an unreadable file is reported as a CorruptCacheError naming the refetch command, and on the CPU an untied
+    input-embedding table is kept on disk, memory-mapped (:mod:`specdec.models.mapped_embedding`)."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from specdec.errors import InvalidInputError
     from specdec.models.mapped_embedding import map_input_embedding
     from specdec.precision import default_dtype
 
+    if weights not in WEIGHTS:
+        raise InvalidInputError(f"unknown weights={weights!r}; choose one of {', '.join(WEIGHTS)}")
+    if weights == "int8" and device is not None and torch.device(device).type != "cpu":
+        raise InvalidInputError(f"weights='int8' runs on the CPU kernel; load with device='cpu' (got {device!r}) "
+                                "or use weights='dense' on this device")
     folder = str(folder)
     dtype = dtype or default_dtype(device)
-    try:
-        with reads_not_maps():
-            model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype)
-    except Exception as exc:
-        _reraise_as_corrupt(exc, folder, name, "weights or config")
-        raise
+    if weights == "int8" and dtype != torch.bfloat16:
+        warnings.warn(f"weights='int8' computes with bf16 activations on the native kernel; with {dtype} the "
+                      "portable fallback runs, which is slower", RuntimeWarning, stacklevel=2)
+    model = None
+    int8_cached = weights == "int8" and name is not None  # a cached model keeps its int8 form beside it
+    if int8_cached:
+        from specdec.models.int8_cache import build_from_state, cached_int8_state
+
+        state = cached_int8_state(Path(folder), dtype)
+        if state is not None:
+            model = build_from_state(Path(folder), dtype, state)
+            del state
+    if model is None:
+        try:
+            with reads_not_maps():
+                model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype)
+        except Exception as exc:
+            _reraise_as_corrupt(exc, folder, name, "weights or config")
+            raise
+        if weights == "int8":
+            from specdec.kernels import quantize_linears
+
+            quantize_linears(model)
+            if int8_cached:
+                from specdec.models.int8_cache import save_int8_state
+
+                save_int8_state(model, Path(folder), dtype)
     if name is not None and (device is None or torch.device(device).type == "cpu"):
         map_input_embedding(model, folder)  # a cached model: its untied embedding table stays on disk, mapped
     release_memory()

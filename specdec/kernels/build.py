@@ -1,0 +1,95 @@
+"""Build the C++ kernels on first use and cache them; say once, and why, when the portable fallback runs instead.
+
+The extension is compiled from the shipped source (``int8_linear.cpp``) with torch's JIT extension builder
+(ninja + the system C++ compiler) for the CPU at hand (``-march=native``), into ``<cache>/kernels/<key>`` where the
+key covers the source, the torch version and the CPU flags, so a changed machine or torch never reuses a stale
+build. A first build takes ~30 s; later loads take milliseconds. We build at first use, not at ``pip install``,
+because the kernel must match the installed torch's ABI and the running CPU's instruction set, which a wheel
+built elsewhere cannot know (DeepSpeed's op builder makes the same choice).
+
+``SPECDEC_KERNELS=0`` turns the kernels off (the fallback runs); ``SPECDEC_KERNELS=1`` makes a failed build an
+error instead of a warning.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import sys
+import warnings
+from functools import lru_cache
+from pathlib import Path
+
+import torch
+
+from specdec.precision import cpu_flags
+
+SOURCE = Path(__file__).with_name("int8_linear.cpp")
+REQUIRED_FLAGS = ("avx512f", "avx512bw", "avx512_bf16")  # what int8_linear.cpp executes
+
+_status: dict = {"int8": None}
+
+
+def kernel_status() -> dict:
+    """What the last :func:`int8_kernel` call found: ``{"int8": "native" | "fallback: <why>" | None}``."""
+    return dict(_status)
+
+
+def _cache_root() -> Path:
+    from specdec.models.fetch import default_cache_dir
+
+    return default_cache_dir() / "kernels"
+
+
+def build_key() -> str:
+    flags = sorted(f for f in cpu_flags() if f.startswith(("avx", "amx", "fma", "f16c")))
+    text = SOURCE.read_bytes() + torch.__version__.encode() + sys.version.encode() + " ".join(flags).encode()
+    return hashlib.sha256(text).hexdigest()[:16]
+
+
+@lru_cache(maxsize=None)
+def int8_kernel():
+    """The compiled extension (its ``int8_linear`` function), or None where the fallback must run."""
+    setting = os.environ.get("SPECDEC_KERNELS", "auto")
+    why = _unavailable(setting)
+    if why is None:
+        try:
+            module = _build("specdec_int8_linear", SOURCE)
+            _status["int8"] = "native"
+            return module
+        except Exception as exc:  # a missing compiler or a build error: the fallback is correct, only slower
+            if setting == "1":
+                raise RuntimeError(f"building the int8 kernel failed ({type(exc).__name__}: {exc}); install a C++ "
+                                   "compiler (g++) and `pip install ninja`, or unset SPECDEC_KERNELS") from exc
+            why = f"the build failed ({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''})"
+    _status["int8"] = f"fallback: {why}"
+    if setting != "0":
+        warnings.warn(f"specdec: int8 weights run on the portable torch fallback, which is slower: {why}",
+                      RuntimeWarning, stacklevel=2)
+    return None
+
+
+def _unavailable(setting: str) -> str | None:
+    if setting == "0":
+        return "SPECDEC_KERNELS=0"
+    missing = [f for f in REQUIRED_FLAGS if f not in cpu_flags()]
+    if missing:
+        return f"this CPU lacks {', '.join(missing)}"
+    return None
+
+
+def _build(name: str, source: Path):
+    from torch.utils.cpp_extension import load
+
+    try:  # ninja from PyPI puts its binary in the venv, which need not be on PATH
+        import ninja
+
+        os.environ["PATH"] = ninja.BIN_DIR + os.pathsep + os.environ.get("PATH", "")
+    except ImportError:
+        pass
+    folder = _cache_root() / f"{name}-{build_key()}"
+    folder.mkdir(parents=True, exist_ok=True)
+    if not any(folder.glob(f"{name}*.so")):
+        print(f"specdec: compiling the {name} kernel for this CPU (once, ~30 s) in {folder}", file=sys.stderr)
+    return load(name=name, sources=[str(source)], build_directory=str(folder), verbose=False,
+                extra_cflags=["-O3", "-march=native", "-fopenmp"], extra_ldflags=["-fopenmp"])

@@ -1,0 +1,110 @@
+"""``Int8Linear``: weight-only int8 in place of ``nn.Linear``, per-output-row symmetric scales.
+
+q[j, :] = round(w[j, :] / s[j]) with s[j] = max|w[j, :]| / 127, so the weights take half the bytes of bf16 and a
+memory-bound decoding step reads half as much. On a CPU with AVX-512 BF16 the compiled kernel
+(``int8_linear.cpp``) multiplies bf16 activations by the int8 weights, de-quantizing each weight tile once per
+call however many tokens the call holds (what tree verification needs: torch's ``_weight_int8pack_mm`` costs
+grow with the token count). Elsewhere, the portable fallback computes the same function in torch, slower.
+
+Exactness in specdec is against the loaded model: an int8 target's own greedy decoding is the reference that
+speculative decoding on that target reproduces (the quantization error itself is measured in docs/cpu-fast-path.md).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+_ROWS = 16  # output rows per packed block (one AVX-512 register of fp32 lanes)
+
+
+class Int8Linear(torch.nn.Module):
+    """A linear layer holding int8 weights packed for the kernel (``[N/16, K/2, 16, 2]``), fp32 scales and bias."""
+
+    def __init__(self, packed: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None, in_features: int,
+                 out_features: int):
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        self.register_buffer("packed", packed, persistent=True)
+        self.register_buffer("scale", scale, persistent=True)
+        self.register_buffer("bias", bias if bias is not None else torch.empty(0), persistent=True)
+
+    @classmethod
+    def from_linear(cls, linear: torch.nn.Linear) -> "Int8Linear":
+        w = linear.weight.detach()
+        out_features, in_features = w.shape
+        q, scale = quantize_rows(w)
+        bias = None if linear.bias is None else linear.bias.detach().float()
+        pad_n = -out_features % _ROWS
+        pad_k = in_features % 2
+        if pad_n or pad_k:  # zero rows / a zero column: the kernel's shape rules, sliced off in forward
+            q = F.pad(q, (0, pad_k, 0, pad_n))
+            scale = F.pad(scale, (0, pad_n), value=1.0)
+            bias = None if bias is None else F.pad(bias, (0, pad_n))
+        n_pad, k_pad = q.shape
+        packed = q.view(n_pad // _ROWS, _ROWS, k_pad // 2, 2).permute(0, 2, 1, 3).contiguous()
+        return cls(packed, scale.contiguous(), bias, in_features, out_features)
+
+    def int8_weight(self) -> torch.Tensor:
+        """The unpacked ``[out_features, in_features]`` int8 weight (tests, export)."""
+        blocks, kpairs = self.packed.shape[:2]
+        q = self.packed.permute(0, 2, 1, 3).reshape(blocks * _ROWS, kpairs * 2)
+        return q[:self.out_features, :self.in_features]
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """A de-quantized bf16 copy ``q * scale`` (for code that reads an LM head's shape or rows; not the hot path)."""
+        return (self.int8_weight().float() * self.scale[:self.out_features, None]).to(torch.bfloat16)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        from specdec.kernels.build import int8_kernel
+
+        shape = x.shape
+        flat = x.reshape(-1, shape[-1])
+        kernel = int8_kernel() if x.device.type == "cpu" and x.dtype == torch.bfloat16 else None
+        if kernel is not None:
+            if self.in_features % 2:
+                flat = F.pad(flat, (0, 1))
+            y = kernel.int8_linear(flat.contiguous(), self.packed, self.scale, self.bias)
+        else:
+            y = self._fallback(flat)
+        if y.shape[-1] != self.out_features:
+            y = y[:, :self.out_features]
+        return y.reshape(*shape[:-1], self.out_features)
+
+    def _fallback(self, flat: torch.Tensor) -> torch.Tensor:
+        """The kernel's function in torch: fp32 products of the activations and int8 weights, scaled, plus bias."""
+        q = self.int8_weight().float()
+        y = (flat.float() @ q.T) * self.scale[:self.out_features]
+        if self.bias.numel():
+            y = y + self.bias[:self.out_features]
+        return y.to(flat.dtype)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, weights=int8"
+
+
+def quantize_rows(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric per-row int8: ``(q int8 [N, K], scale fp32 [N])`` with ``w ~= q * scale[:, None]``."""
+    w = w.float()
+    scale = w.abs().amax(dim=1).clamp(min=torch.finfo(torch.float32).tiny) / 127.0
+    q = torch.round(w / scale[:, None]).clamp_(-127, 127).to(torch.int8)
+    return q, scale
+
+
+def quantize_linears(model: torch.nn.Module, skip: tuple = ()) -> int:
+    """Swap every ``nn.Linear`` in ``model`` (the LM head included) for an :class:`Int8Linear`; return how many.
+    ``skip``: module names to leave dense."""
+    count = 0
+    for name, module in list(model.named_modules()):
+        for child_name, child in list(module.named_children()):
+            full = f"{name}.{child_name}" if name else child_name
+            if type(child) is torch.nn.Linear and full not in skip:
+                setattr(module, child_name, Int8Linear.from_linear(child))
+                count += 1
+    return count
+
+
+def weights_kind(model: torch.nn.Module) -> str:
+    """``"int8"`` when ``model`` holds :class:`Int8Linear` layers, else ``"dense"`` (cost-table keys, reports)."""
+    return "int8" if any(isinstance(m, Int8Linear) for m in model.modules()) else "dense"

@@ -45,7 +45,7 @@ from dataclasses import dataclass
 
 import torch
 
-from specdec.budget import choose_budget, forward_costs
+from specdec.budget import choose_budget, forward_costs, update_calibration
 from specdec.drafters import register_drafter
 from specdec.drafters.base import Drafter
 from specdec.drafters.sampled_pool import grow_sampled_pool, sampled_order
@@ -110,15 +110,15 @@ _PREPARED: "weakref.WeakKeyDictionary[torch.nn.Module, dict]" = weakref.WeakKeyD
 
 def _prepare(model: torch.nn.Module, config: DraftModelConfig) -> torch.nn.Module:
     """The model that drafts: int8-quantized on CPU by default (3x cheaper than bf16 there; proposals only); a model
-    loaded with ``weights="int8"`` (specdec.kernels) is used as it is.
+    loaded with quantized weights (``weights="int8"`` or ``"w8a8"``, specdec.kernels) is used as it is.
 
     Converted copies are shared by every drafter built from the same model (a 0.5B copy costs ~1 GB).
     """
     from specdec.kernels import weights_kind
 
     on_cpu = model.get_input_embeddings().weight.device.type == "cpu"
-    if weights_kind(model) == "int8":
-        return model.eval()  # loaded with weights="int8": already on the int8 kernel, drafts as it is
+    if weights_kind(model) != "dense":
+        return model.eval()  # loaded with weights="int8" / "w8a8": already on a native kernel, drafts as it is
     quantize = config.quantize == "int8" or (config.quantize == "auto" and on_cpu)
     if quantize and not on_cpu:
         raise InvalidInputError("quantize='int8' uses torch's CPU dynamic quantization; the draft model is not on CPU")
@@ -398,10 +398,11 @@ class DraftModelDrafter(Drafter):
         if outcome.tree.size == 0:  # an auto budget may keep no node of a pool the draft model already read
             if self._tree_base is not None:
                 self.runner.crop(self._tree_base)
+            if self.tree_budget is not None:  # no evidence: the calibration relaxes toward 1 (specdec.budget)
+                self._calibration = update_calibration(self._calibration, 0, 0.0)
             return
-        if self.tree_budget is not None and self._predicted > 0:  # decay 0.9: about the last ten steps
-            ratio = outcome.result.num_accepted / self._predicted
-            self._calibration = min(4.0, max(0.05, 0.9 * self._calibration + 0.1 * ratio * self._calibration))
+        if self.tree_budget is not None:  # auto budget: about the last ten steps (specdec.budget)
+            self._calibration = update_calibration(self._calibration, outcome.result.num_accepted, self._predicted)
         accepted_pool = self._chosen[outcome.result.accepted_nodes.to(self._chosen.device)]
         slots = self._fed_slots[accepted_pool]
         in_sequence = min(int((slots >= 0).sum()), outcome.emitted.numel())  # fed nodes form a prefix of the path

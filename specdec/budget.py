@@ -95,6 +95,19 @@ def choose_budget(node_values: torch.Tensor, costs: ForwardCosts, draft_seconds:
     return int(torch.argmax(tokens / seconds))  # argmax returns the first maximum
 
 
+def update_calibration(calibration: float, accepted: int, predicted: float) -> float:
+    """The running ratio of accepted to predicted tokens by which auto-sized trees scale their node values.
+
+    After a step whose tree predicted ``predicted`` > 0 tokens: an exponential average over about the last ten
+    steps, in [0.05, 4]. After a step without a tree (the budget chose 0 nodes) there is no evidence, so the
+    ratio relaxes a tenth of the way back to 1: a low estimate left alone would choose 0 nodes forever and never be
+    corrected (measured: medusa stuck at tau 1.00 over 30 prompts)."""
+    if predicted > 0:
+        ratio = accepted / predicted
+        return min(4.0, max(0.05, 0.9 * calibration + 0.1 * ratio * calibration))
+    return calibration + 0.1 * (1.0 - calibration)
+
+
 def best_first_order(values: torch.Tensor, parents: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Order a tree's nodes best first so that every prefix of the order is ancestor-closed.
 

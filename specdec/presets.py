@@ -11,7 +11,7 @@ import yaml
 from specdec.errors import InvalidInputError, UnknownNameError
 
 DEFAULT_PRESET = "qwen-coder-pair"
-KEYS = {"target", "draft", "dtype", "threads", "max_new_tokens", "limit", "categories", "verifier", "baselines",
+KEYS = {"target", "draft", "dtype", "weights", "threads", "max_new_tokens", "limit", "categories", "verifier", "baselines",
         "drafters", "prompts", "output", "chat", "do_sample", "temperature", "top_k", "top_p", "seed"}
 
 

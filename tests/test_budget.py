@@ -178,3 +178,22 @@ def test_forward_costs_rewrite_an_unreadable_cache(tmp_path, counted_measure):
     assert len(counted_measure) == 1
     table = json.loads((tmp_path / budget.CACHE_FILE).read_text())
     assert list(table.values()) == [{"sizes": list(costs.sizes), "seconds": list(costs.seconds)}]
+
+
+def test_calibration_follows_evidence_and_recovers_without_it():
+    from specdec.budget import update_calibration
+
+    c = 1.0
+    for _ in range(40):  # trees keep predicting 2 tokens where 0.4 are accepted
+        c = update_calibration(c, 0, 2.0) if _ % 5 else update_calibration(c, 2, 2.0)
+    assert 0.05 <= c < 0.3
+    costs = ForwardCosts((1, 2, 4), (0.10, 0.12, 0.13))
+    values = torch.tensor([0.54, 0.19, 0.11])
+    assert choose_budget(values * c, costs) == 0  # a low estimate drafts nothing...
+    steps = 0
+    while choose_budget((values * c).clamp(max=1.0), costs) == 0:  # ...and, without evidence, relaxes toward 1
+        c = update_calibration(c, 0, 0.0)
+        steps += 1
+    assert 1 <= steps <= 20 and choose_budget(values, costs) >= 1
+    assert update_calibration(1.0, 8, 2.0) == min(4.0, 0.9 + 0.1 * 4.0)  # more accepted than predicted: up
+    assert update_calibration(0.05, 0, 3.0) == 0.05  # the floor

@@ -25,7 +25,7 @@ from typing import ClassVar
 
 import torch
 
-from specdec.budget import choose_budget, forward_costs
+from specdec.budget import choose_budget, forward_costs, update_calibration
 from specdec.drafters import register_drafter
 from specdec.drafters.base import Drafter
 from specdec.drafters.heads.base import DraftHeads
@@ -173,9 +173,9 @@ class HeadsDrafter(Drafter):
             return self._tree(state, pool, chosen, kind, pool.q_at(chosen) if sampled else None)
 
     def observe(self, state: DecodeState, outcome: StepOutcome) -> None:
-        if self.tree_budget is not None and self._predicted > 0 and outcome.tree.size:  # decay 0.9, as draft_model
-            ratio = outcome.result.num_accepted / self._predicted
-            self._calibration = min(4.0, max(0.05, 0.9 * self._calibration + 0.1 * ratio * self._calibration))
+        if self.tree_budget is not None:  # auto budget: about the last ten steps (specdec.budget)
+            self._calibration = update_calibration(self._calibration, outcome.result.num_accepted,
+                                                   self._predicted if outcome.tree.size else 0.0)
 
     def describe(self) -> dict:
         cfg = self.heads.config

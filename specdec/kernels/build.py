@@ -1,6 +1,6 @@
 """Build the C++ kernels on first use and cache them; say once, and why, when the portable fallback runs instead.
 
-The extension is compiled from the shipped source (``int8_linear.cpp``) with torch's JIT extension builder
+The extension is compiled from the shipped sources (``*.cpp`` here) with torch's JIT extension builder
 (ninja + the system C++ compiler) for the CPU at hand (``-march=native``), into ``<cache>/kernels/<key>`` where the
 key covers the source, the torch version and the CPU flags, so a changed machine or torch never reuses a stale
 build. A first build takes ~30 s; later loads take milliseconds. We build at first use, not at ``pip install``,
@@ -24,14 +24,14 @@ import torch
 
 from specdec.precision import cpu_flags
 
-SOURCE = Path(__file__).with_name("int8_linear.cpp")
-REQUIRED_FLAGS = ("avx512f", "avx512bw", "avx512_bf16")  # what int8_linear.cpp executes
+SOURCES = tuple(Path(__file__).with_name(f) for f in ("bindings.cpp", "int8_linear.cpp", "w8a8_linear.cpp"))
+REQUIRED_FLAGS = ("avx512f", "avx512bw", "avx512_bf16", "avx512_vnni")  # what the sources execute
 
-_status: dict = {"int8": None}
+_status: dict = {"cpu": None}
 
 
 def kernel_status() -> dict:
-    """What the last :func:`int8_kernel` call found: ``{"int8": "native" | "fallback: <why>" | None}``."""
+    """What the last :func:`cpu_kernels` call found: ``{"cpu": "native" | "fallback: <why>" | None}``."""
     return dict(_status)
 
 
@@ -43,28 +43,29 @@ def _cache_root() -> Path:
 
 def build_key() -> str:
     flags = sorted(f for f in cpu_flags() if f.startswith(("avx", "amx", "fma", "f16c")))
-    text = SOURCE.read_bytes() + torch.__version__.encode() + sys.version.encode() + " ".join(flags).encode()
+    text = b"".join(p.read_bytes() for p in SOURCES)
+    text += torch.__version__.encode() + sys.version.encode() + " ".join(flags).encode()
     return hashlib.sha256(text).hexdigest()[:16]
 
 
 @lru_cache(maxsize=None)
-def int8_kernel():
-    """The compiled extension (its ``int8_linear`` function), or None where the fallback must run."""
+def cpu_kernels():
+    """The compiled extension (``int8_linear`` and ``w8a8_linear``), or None where the fallback must run."""
     setting = os.environ.get("SPECDEC_KERNELS", "auto")
     why = _unavailable(setting)
     if why is None:
         try:
-            module = _build("specdec_int8_linear", SOURCE)
-            _status["int8"] = "native"
+            module = _build("specdec_cpu_kernels", SOURCES)
+            _status["cpu"] = "native"
             return module
         except Exception as exc:  # a missing compiler or a build error: the fallback is correct, only slower
             if setting == "1":
-                raise RuntimeError(f"building the int8 kernel failed ({type(exc).__name__}: {exc}); install a C++ "
+                raise RuntimeError(f"building the CPU kernels failed ({type(exc).__name__}: {exc}); install a C++ "
                                    "compiler (g++) and `pip install ninja`, or unset SPECDEC_KERNELS") from exc
             why = f"the build failed ({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''})"
-    _status["int8"] = f"fallback: {why}"
+    _status["cpu"] = f"fallback: {why}"
     if setting != "0":
-        warnings.warn(f"specdec: int8 weights run on the portable torch fallback, which is slower: {why}",
+        warnings.warn(f"specdec: quantized weights run on the portable torch fallback, which is slower: {why}",
                       RuntimeWarning, stacklevel=2)
     return None
 
@@ -78,7 +79,7 @@ def _unavailable(setting: str) -> str | None:
     return None
 
 
-def _build(name: str, source: Path):
+def _build(name: str, sources: tuple):
     from torch.utils.cpp_extension import load
 
     try:  # ninja from PyPI puts its binary in the venv, which need not be on PATH
@@ -90,6 +91,6 @@ def _build(name: str, source: Path):
     folder = _cache_root() / f"{name}-{build_key()}"
     folder.mkdir(parents=True, exist_ok=True)
     if not any(folder.glob(f"{name}*.so")):
-        print(f"specdec: compiling the {name} kernel for this CPU (once, ~30 s) in {folder}", file=sys.stderr)
-    return load(name=name, sources=[str(source)], build_directory=str(folder), verbose=False,
+        print(f"specdec: compiling the CPU kernels for this machine (once, ~30 s) in {folder}", file=sys.stderr)
+    return load(name=name, sources=[str(p) for p in sources], build_directory=str(folder), verbose=False,
                 extra_cflags=["-O3", "-march=native", "-fopenmp"], extra_ldflags=["-fopenmp"])

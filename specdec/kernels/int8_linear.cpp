@@ -20,38 +20,51 @@ inline __m512bh dequant32(const int8_t* p) {
   return _mm512_cvtne2ps_pbh(hi, lo);
 }
 
-// One block of 16 output rows for the tokens rows[0..T) (T a compile-time tile; unused slots repeat a real row).
+struct Args {
+  const at::BFloat16* x;  // [n, K]
+  const int8_t* w;        // [N/16, K/2, 16, 2]
+  const float* scale;     // [N]
+  const float* bias;      // [N] or null
+  at::BFloat16* y;        // [n, N]
+  int64_t n, K, N;
+};
+
+// Rows jb*16 .. jb*16+15 for the tokens t0 .. t0+tn-1 (tn <= T; unused slots repeat the last real token).
 template <int T>
-inline void block(const int32_t* const* rows, const int8_t* wb, int64_t kpairs, __m512 acc[T]) {
+void tile(const Args& p, int64_t jb, int64_t t0, int tn) {
+  const int64_t kpairs = p.K / 2;
+  const int8_t* wb = p.w + jb * kpairs * 32;
+  const int32_t* rows[T];
+  for (int t = 0; t < T; ++t) rows[t] = reinterpret_cast<const int32_t*>(p.x + (t0 + std::min(t, tn - 1)) * p.K);
+  __m512 acc[T];
   for (int t = 0; t < T; ++t) acc[t] = _mm512_setzero_ps();
   for (int64_t kp = 0; kp < kpairs; ++kp) {
-    __m512bh w = dequant32(wb + kp * 32);
+    const __m512bh w = dequant32(wb + kp * 32);
 #pragma GCC unroll 32
-    for (int t = 0; t < T; ++t)
-      acc[t] = _mm512_dpbf16_ps(acc[t], w, (__m512bh)_mm512_set1_epi32(rows[t][kp]));
+    for (int t = 0; t < T; ++t) acc[t] = _mm512_dpbf16_ps(acc[t], w, (__m512bh)_mm512_set1_epi32(rows[t][kp]));
+  }
+  const __m512 sc = _mm512_loadu_ps(p.scale + jb * 16);
+  const __m512 bi = p.bias ? _mm512_loadu_ps(p.bias + jb * 16) : _mm512_setzero_ps();
+  for (int t = 0; t < tn; ++t) {
+    const __m512 v = _mm512_fmadd_ps(acc[t], sc, bi);
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(p.y + (t0 + t) * p.N + jb * 16), (__m256i)_mm512_cvtneps_pbh(v));
   }
 }
 
-template <int T>
-void run_tiles(const at::BFloat16* x, const int8_t* w, const float* scale, const float* bias, at::BFloat16* y,
-               int64_t n, int64_t t0, int64_t t1, int64_t K, int64_t N, int64_t blocks) {
-  const int64_t kpairs = K / 2;
-  at::parallel_for(0, blocks, 1, [&](int64_t b0, int64_t b1) {
-    const int32_t* rows[T];
-    __m512 acc[T];
-    for (int64_t jb = b0; jb < b1; ++jb) {
-      const int8_t* wb = w + jb * kpairs * 32;
-      const __m512 sc = _mm512_loadu_ps(scale + jb * 16);
-      const __m512 bi = bias ? _mm512_loadu_ps(bias + jb * 16) : _mm512_setzero_ps();
-      for (int64_t s = t0; s < t1; s += T) {
-        const int tn = static_cast<int>(std::min<int64_t>(T, t1 - s));
-        for (int t = 0; t < T; ++t)
-          rows[t] = reinterpret_cast<const int32_t*>(x + (s + std::min(t, tn - 1)) * K);
-        block<T>(rows, wb, kpairs, acc);
-        for (int t = 0; t < tn; ++t) {
-          __m512 v = _mm512_fmadd_ps(acc[t], sc, bi);
-          _mm256_storeu_si256(reinterpret_cast<__m256i*>(y + (s + t) * N + jb * 16), (__m256i)_mm512_cvtneps_pbh(v));
-        }
+// T accumulators live in the 32 vector registers: tiles of at most 24 tokens, each row block's weights re-read
+// from cache (not memory) for the next tile.
+void run(const Args& p) {
+  at::parallel_for(0, p.N / 16, 1, [&](int64_t r0, int64_t r1) {
+    for (int64_t jb = r0; jb < r1; ++jb) {
+      for (int64_t t0 = 0; t0 < p.n; t0 += 24) {
+        const int tn = static_cast<int>(std::min<int64_t>(24, p.n - t0));
+        if (tn == 1) tile<1>(p, jb, t0, tn);
+        else if (tn == 2) tile<2>(p, jb, t0, tn);
+        else if (tn <= 4) tile<4>(p, jb, t0, tn);
+        else if (tn <= 8) tile<8>(p, jb, t0, tn);
+        else if (tn <= 12) tile<12>(p, jb, t0, tn);
+        else if (tn <= 16) tile<16>(p, jb, t0, tn);
+        else tile<24>(p, jb, t0, tn);
       }
     }
   });
@@ -73,22 +86,7 @@ torch::Tensor int8_linear(torch::Tensor x, torch::Tensor packed, torch::Tensor s
               "bias: [N] fp32 or empty");
   auto y = torch::empty({n, N}, x.options());
   if (n == 0) return y;
-  const auto* xp = x.data_ptr<at::BFloat16>();
-  const auto* wp = packed.data_ptr<int8_t>();
-  const float* sp = scale.data_ptr<float>();
-  const float* bp = has_bias ? bias.data_ptr<float>() : nullptr;
-  auto* yp = y.data_ptr<at::BFloat16>();
-  // Small calls are one tile (the smallest template that holds them); bigger ones go in tiles of 24 tokens.
-  if (n == 1) run_tiles<1>(xp, wp, sp, bp, yp, n, 0, n, K, N, blocks);
-  else if (n == 2) run_tiles<2>(xp, wp, sp, bp, yp, n, 0, n, K, N, blocks);
-  else if (n <= 4) run_tiles<4>(xp, wp, sp, bp, yp, n, 0, n, K, N, blocks);
-  else if (n <= 8) run_tiles<8>(xp, wp, sp, bp, yp, n, 0, n, K, N, blocks);
-  else if (n <= 12) run_tiles<12>(xp, wp, sp, bp, yp, n, 0, n, K, N, blocks);
-  else if (n <= 16) run_tiles<16>(xp, wp, sp, bp, yp, n, 0, n, K, N, blocks);
-  else run_tiles<24>(xp, wp, sp, bp, yp, n, 0, n, K, N, blocks);
+  run(Args{x.data_ptr<at::BFloat16>(), packed.data_ptr<int8_t>(), scale.data_ptr<float>(),
+           has_bias ? bias.data_ptr<float>() : nullptr, y.data_ptr<at::BFloat16>(), n, K, N});
   return y;
-}
-
-PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("int8_linear", &int8_linear, "weight-only int8 linear (AVX-512 BF16), packed [N/16, K/2, 16, 2] weights");
 }

@@ -15,6 +15,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from specdec.kernels.build import cpu_kernels
+
 _ROWS = 16  # output rows per packed block (one AVX-512 register of fp32 lanes)
 
 
@@ -57,20 +59,21 @@ class Int8Linear(torch.nn.Module):
         return (self.int8_weight().float() * self.scale[:self.out_features, None]).to(torch.bfloat16)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        from specdec.kernels.build import int8_kernel
-
         shape = x.shape
         flat = x.reshape(-1, shape[-1])
-        kernel = int8_kernel() if x.device.type == "cpu" and x.dtype == torch.bfloat16 else None
+        kernel = cpu_kernels() if x.device.type == "cpu" and x.dtype == torch.bfloat16 else None
         if kernel is not None:
-            if self.in_features % 2:
-                flat = F.pad(flat, (0, 1))
-            y = kernel.int8_linear(flat.contiguous(), self.packed, self.scale, self.bias)
+            y = self._kernel_call(kernel, flat)
         else:
             y = self._fallback(flat)
         if y.shape[-1] != self.out_features:
             y = y[:, :self.out_features]
         return y.reshape(*shape[:-1], self.out_features)
+
+    def _kernel_call(self, kernel, flat: torch.Tensor) -> torch.Tensor:
+        if self.in_features % 2:
+            flat = F.pad(flat, (0, 1))
+        return kernel.int8_linear(flat.contiguous(), self.packed, self.scale, self.bias)
 
     def _fallback(self, flat: torch.Tensor) -> torch.Tensor:
         """The kernel's function in torch: fp32 products of the activations and int8 weights, scaled, plus bias."""
@@ -92,19 +95,31 @@ def quantize_rows(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return q, scale
 
 
-def quantize_linears(model: torch.nn.Module, skip: tuple = ()) -> int:
-    """Swap every ``nn.Linear`` in ``model`` (the LM head included) for an :class:`Int8Linear`; return how many.
-    ``skip``: module names to leave dense."""
+def quantize_linears(model: torch.nn.Module, kind: str = "int8", skip: tuple = ()) -> int:
+    """Swap every ``nn.Linear`` in ``model`` (the LM head included) for an :class:`Int8Linear` (``kind="int8"``)
+    or a :class:`~specdec.kernels.w8a8_linear.W8A8Linear` (``"w8a8"``); return how many. ``skip``: module names to
+    leave dense."""
+    from specdec.kernels.w8a8_linear import W8A8Linear
+
+    layer = {"int8": Int8Linear, "w8a8": W8A8Linear}[kind]
     count = 0
     for name, module in list(model.named_modules()):
         for child_name, child in list(module.named_children()):
             full = f"{name}.{child_name}" if name else child_name
             if type(child) is torch.nn.Linear and full not in skip:
-                setattr(module, child_name, Int8Linear.from_linear(child))
+                setattr(module, child_name, layer.from_linear(child))
                 count += 1
     return count
 
 
 def weights_kind(model: torch.nn.Module) -> str:
-    """``"int8"`` when ``model`` holds :class:`Int8Linear` layers, else ``"dense"`` (cost-table keys, reports)."""
-    return "int8" if any(isinstance(m, Int8Linear) for m in model.modules()) else "dense"
+    """``"w8a8"`` or ``"int8"`` when ``model`` holds such quantized layers, else ``"dense"`` (cost-table keys,
+    reports)."""
+    from specdec.kernels.w8a8_linear import W8A8Linear
+
+    for m in model.modules():
+        if isinstance(m, W8A8Linear):
+            return "w8a8"
+        if isinstance(m, Int8Linear):
+            return "int8"
+    return "dense"

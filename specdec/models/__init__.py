@@ -38,7 +38,7 @@ def gguf_path(name: str, cache_dir: str | Path | None = None) -> Path:
         return ensure_gguf(spec, cache)
 
 
-WEIGHTS = ("dense", "int8")
+WEIGHTS = ("dense", "int8", "w8a8")
 
 
 def load(name: str, dtype=None, device=None, cache_dir: str | Path | None = None, tokenizer: bool = True,
@@ -48,8 +48,9 @@ def load(name: str, dtype=None, device=None, cache_dir: str | Path | None = None
     ``dtype=None`` picks the precision that is fast and exact on ``device`` (default CPU): bf16 where it is native
     (AVX-512 BF16 / AMX on a CPU, or a GPU that supports it), fp32 otherwise (:mod:`specdec.precision`).
     ``tokenizer=False`` returns ``(model, None)`` (a draft model shares the target's tokenizer).
-    ``weights``: ``"dense"`` (every weight in ``dtype``) or ``"int8"`` (weight-only int8 linear layers, LM head
-    included, on the native CPU kernel: :mod:`specdec.kernels`, docs/cpu-fast-path.md)."""
+    ``weights``: ``"dense"`` (every weight in ``dtype``), ``"int8"`` (weight-only int8 linear layers, LM head
+    included, bf16 activations) or ``"w8a8"`` (the same int8 weights times int8 activations, rounded per token and
+    128-column block), both on native CPU kernels (:mod:`specdec.kernels`, docs/cpu-fast-path.md)."""
     return load_folder(local_path(name, cache_dir), dtype=dtype, device=device, name=name, tokenizer=tokenizer,
                        weights=weights)
 
@@ -69,20 +70,21 @@ def load_folder(folder: str | Path, dtype=None, device=None, name: str | None = 
 
     if weights not in WEIGHTS:
         raise InvalidInputError(f"unknown weights={weights!r}; choose one of {', '.join(WEIGHTS)}")
-    if weights == "int8" and device is not None and torch.device(device).type != "cpu":
-        raise InvalidInputError(f"weights='int8' runs on the CPU kernel; load with device='cpu' (got {device!r}) "
-                                "or use weights='dense' on this device")
+    quantized = weights != "dense"
+    if quantized and device is not None and torch.device(device).type != "cpu":
+        raise InvalidInputError(f"weights={weights!r} runs on the CPU kernels; load with device='cpu' (got "
+                                f"{device!r}) or use weights='dense' on this device")
     folder = str(folder)
     dtype = dtype or default_dtype(device)
-    if weights == "int8" and dtype != torch.bfloat16:
-        warnings.warn(f"weights='int8' computes with bf16 activations on the native kernel; with {dtype} the "
+    if quantized and dtype != torch.bfloat16:
+        warnings.warn(f"weights={weights!r} computes with bf16 activations on the native kernel; with {dtype} the "
                       "portable fallback runs, which is slower", RuntimeWarning, stacklevel=2)
     model = None
-    int8_cached = weights == "int8" and name is not None  # a cached model keeps its int8 form beside it
+    int8_cached = quantized and name is not None  # a cached model keeps its quantized form beside it
     if int8_cached:
         from specdec.models.int8_cache import build_from_state, cached_int8_state
 
-        state = cached_int8_state(Path(folder), dtype)
+        state = cached_int8_state(Path(folder), dtype, weights)
         if state is not None:
             model = build_from_state(Path(folder), dtype, state)
             del state
@@ -93,14 +95,14 @@ def load_folder(folder: str | Path, dtype=None, device=None, name: str | None = 
         except Exception as exc:
             _reraise_as_corrupt(exc, folder, name, "weights or config")
             raise
-        if weights == "int8":
+        if quantized:
             from specdec.kernels import quantize_linears
 
-            quantize_linears(model)
+            quantize_linears(model, weights)
             if int8_cached:
                 from specdec.models.int8_cache import save_int8_state
 
-                save_int8_state(model, Path(folder), dtype)
+                save_int8_state(model, Path(folder), dtype, weights)
     if name is not None and (device is None or torch.device(device).type == "cpu"):
         map_input_embedding(model, folder)  # a cached model: its untied embedding table stays on disk, mapped
     release_memory()

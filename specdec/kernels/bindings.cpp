@@ -1,0 +1,12 @@
+// The Python module of specdec's CPU kernels (built by specdec/kernels/build.py).
+#include <torch/extension.h>
+
+torch::Tensor int8_linear(torch::Tensor x, torch::Tensor packed, torch::Tensor scale, torch::Tensor bias);
+torch::Tensor w8a8_linear(torch::Tensor x, torch::Tensor packed, torch::Tensor wsum, torch::Tensor scale,
+                          torch::Tensor bias);
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("int8_linear", &int8_linear, "int8 weights x bf16 activations (AVX-512 BF16), weights [N/16, K/2, 16, 2]");
+  m.def("w8a8_linear", &w8a8_linear,
+        "int8 weights x int8 activations quantized per 128-column block (AVX-512 VNNI), weights [N/16, K/4, 16, 4]");
+}

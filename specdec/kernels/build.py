@@ -25,6 +25,7 @@ import torch
 from specdec.precision import cpu_flags
 
 SOURCES = tuple(Path(__file__).with_name(f) for f in ("bindings.cpp", "int8_linear.cpp", "w8a8_linear.cpp"))
+HEADERS = (Path(__file__).with_name("tiles.h"),)  # part of the build key, not compiled alone
 REQUIRED_FLAGS = ("avx512f", "avx512bw", "avx512_bf16", "avx512_vnni")  # what the sources execute
 
 _status: dict = {"cpu": None}
@@ -43,7 +44,7 @@ def _cache_root() -> Path:
 
 def build_key() -> str:
     flags = sorted(f for f in cpu_flags() if f.startswith(("avx", "amx", "fma", "f16c")))
-    text = b"".join(p.read_bytes() for p in SOURCES)
+    text = b"".join(p.read_bytes() for p in SOURCES + HEADERS)
     text += torch.__version__.encode() + sys.version.encode() + " ".join(flags).encode()
     return hashlib.sha256(text).hexdigest()[:16]
 
@@ -93,4 +94,5 @@ def _build(name: str, sources: tuple):
     if not any(folder.glob(f"{name}*.so")):
         print(f"specdec: compiling the CPU kernels for this machine (once, ~30 s) in {folder}", file=sys.stderr)
     return load(name=name, sources=[str(p) for p in sources], build_directory=str(folder), verbose=False,
-                extra_cflags=["-O3", "-march=native", "-fopenmp"], extra_ldflags=["-fopenmp"])
+                extra_include_paths=[str(Path(__file__).parent)], extra_cflags=["-O3", "-march=native", "-fopenmp"],
+                extra_ldflags=["-fopenmp"])

@@ -8,9 +8,7 @@
 // (memory-bound, half the bytes of bf16) and a forward over 8-24 tokens de-quantizes them once, not once per token.
 // Every token's result is summed in the same order whatever the tile size, so a token's output does not depend on
 // how many tokens share the call.
-#include <torch/extension.h>
-#include <ATen/Parallel.h>
-#include <immintrin.h>
+#include "tiles.h"
 
 namespace {
 
@@ -43,30 +41,13 @@ void tile(const Args& p, int64_t jb, int64_t t0, int tn) {
 #pragma GCC unroll 32
     for (int t = 0; t < T; ++t) acc[t] = _mm512_dpbf16_ps(acc[t], w, (__m512bh)_mm512_set1_epi32(rows[t][kp]));
   }
-  const __m512 sc = _mm512_loadu_ps(p.scale + jb * 16);
-  const __m512 bi = p.bias ? _mm512_loadu_ps(p.bias + jb * 16) : _mm512_setzero_ps();
-  for (int t = 0; t < tn; ++t) {
-    const __m512 v = _mm512_fmadd_ps(acc[t], sc, bi);
-    _mm256_storeu_si256(reinterpret_cast<__m256i*>(p.y + (t0 + t) * p.N + jb * 16), (__m256i)_mm512_cvtneps_pbh(v));
-  }
+  specdec::store_block(acc, tn, p.scale, p.bias, p.y, p.N, jb, t0);
 }
 
-// T accumulators live in the 32 vector registers: tiles of at most 24 tokens, each row block's weights re-read
-// from cache (not memory) for the next tile.
+// T accumulators live in the 32 vector registers: tiles of at most 24 tokens.
 void run(const Args& p) {
-  at::parallel_for(0, p.N / 16, 1, [&](int64_t r0, int64_t r1) {
-    for (int64_t jb = r0; jb < r1; ++jb) {
-      for (int64_t t0 = 0; t0 < p.n; t0 += 24) {
-        const int tn = static_cast<int>(std::min<int64_t>(24, p.n - t0));
-        if (tn == 1) tile<1>(p, jb, t0, tn);
-        else if (tn == 2) tile<2>(p, jb, t0, tn);
-        else if (tn <= 4) tile<4>(p, jb, t0, tn);
-        else if (tn <= 8) tile<8>(p, jb, t0, tn);
-        else if (tn <= 12) tile<12>(p, jb, t0, tn);
-        else if (tn <= 16) tile<16>(p, jb, t0, tn);
-        else tile<24>(p, jb, t0, tn);
-      }
-    }
+  specdec::for_each_tile<24>(p.n, p.N / 16, [&](auto T, int64_t jb, int64_t t0, int tn) {
+    tile<decltype(T)::value>(p, jb, t0, tn);
   });
 }
 

@@ -33,19 +33,10 @@ class Int8Linear(torch.nn.Module):
 
     @classmethod
     def from_linear(cls, linear: torch.nn.Linear) -> "Int8Linear":
-        w = linear.weight.detach()
-        out_features, in_features = w.shape
-        q, scale = quantize_rows(w)
-        bias = None if linear.bias is None else linear.bias.detach().float()
-        pad_n = -out_features % _ROWS
-        pad_k = in_features % 2
-        if pad_n or pad_k:  # zero rows / a zero column: the kernel's shape rules, sliced off in forward
-            q = F.pad(q, (0, pad_k, 0, pad_n))
-            scale = F.pad(scale, (0, pad_n), value=1.0)
-            bias = None if bias is None else F.pad(bias, (0, pad_n))
+        q, scale, bias = quantize_padded(linear, columns=2)
         n_pad, k_pad = q.shape
         packed = q.view(n_pad // _ROWS, _ROWS, k_pad // 2, 2).permute(0, 2, 1, 3).contiguous()
-        return cls(packed, scale.contiguous(), bias, in_features, out_features)
+        return cls(packed, scale, bias, linear.in_features, linear.out_features)
 
     def int8_weight(self) -> torch.Tensor:
         """The unpacked ``[out_features, in_features]`` int8 weight (tests, export)."""
@@ -93,6 +84,19 @@ def quantize_rows(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     scale = w.abs().amax(dim=1).clamp(min=torch.finfo(torch.float32).tiny) / 127.0
     q = torch.round(w / scale[:, None]).clamp_(-127, 127).to(torch.int8)
     return q, scale
+
+
+def quantize_padded(linear: torch.nn.Linear, columns: int) -> tuple:
+    """``(q, scale, bias)`` of ``linear`` (:func:`quantize_rows`), padded with zero rows to a multiple of 16 and zero
+    columns to a multiple of ``columns`` (the kernels' shape rules; forward slices the padding off)."""
+    q, scale = quantize_rows(linear.weight.detach())
+    bias = None if linear.bias is None else linear.bias.detach().float()
+    pad_n, pad_k = -q.shape[0] % _ROWS, -q.shape[1] % columns
+    if pad_n or pad_k:
+        q = F.pad(q, (0, pad_k, 0, pad_n))
+        scale = F.pad(scale, (0, pad_n), value=1.0)
+        bias = None if bias is None else F.pad(bias, (0, pad_n))
+    return q, scale.contiguous(), bias
 
 
 def quantize_linears(model: torch.nn.Module, kind: str = "int8", skip: tuple = ()) -> int:

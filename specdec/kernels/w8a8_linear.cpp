@@ -9,9 +9,7 @@
 // wsum[j, b] = 128 * sum_{k in b} q[j, k] to take the offset back out.
 // Weights are packed [N/16, K/4, 16, 4] (16 output rows x 4 columns per 64-byte load), K padded to 128.
 // A token's result does not depend on which other tokens share the call.
-#include <torch/extension.h>
-#include <ATen/Parallel.h>
-#include <immintrin.h>
+#include "tiles.h"
 
 namespace {
 
@@ -94,28 +92,13 @@ void tile(const Args& p, int64_t jb, int64_t t0, int tn) {
       acc[t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_sub_epi32(dot[t], offset)),
                                _mm512_set1_ps(row_scales[t][b]), acc[t]);
   }
-  const __m512 sc = _mm512_loadu_ps(p.scale + jb * 16);
-  const __m512 bi = p.bias ? _mm512_loadu_ps(p.bias + jb * 16) : _mm512_setzero_ps();
-  for (int t = 0; t < tn; ++t) {
-    const __m512 v = _mm512_fmadd_ps(acc[t], sc, bi);
-    _mm256_storeu_si256(reinterpret_cast<__m256i*>(p.y + (t0 + t) * p.N + jb * 16), (__m256i)_mm512_cvtneps_pbh(v));
-  }
+  specdec::store_block(acc, tn, p.scale, p.bias, p.y, p.N, jb, t0);
 }
 
-// 2 x T accumulators live in the 32 vector registers: tiles of at most 12 tokens, each row block's weights
-// re-read from cache (not memory) for the next tile.
+// 2 x T accumulators (integer and float) live in the 32 vector registers: tiles of at most 12 tokens.
 void run(const Args& p) {
-  at::parallel_for(0, p.N / 16, 1, [&](int64_t r0, int64_t r1) {
-    for (int64_t jb = r0; jb < r1; ++jb) {
-      for (int64_t t0 = 0; t0 < p.n; t0 += 12) {
-        const int tn = static_cast<int>(std::min<int64_t>(12, p.n - t0));
-        if (tn == 1) tile<1>(p, jb, t0, tn);
-        else if (tn == 2) tile<2>(p, jb, t0, tn);
-        else if (tn <= 4) tile<4>(p, jb, t0, tn);
-        else if (tn <= 8) tile<8>(p, jb, t0, tn);
-        else tile<12>(p, jb, t0, tn);
-      }
-    }
+  specdec::for_each_tile<12>(p.n, p.N / 16, [&](auto T, int64_t jb, int64_t t0, int tn) {
+    tile<decltype(T)::value>(p, jb, t0, tn);
   });
 }
 

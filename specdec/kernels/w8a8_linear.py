@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from specdec.kernels.int8_linear import Int8Linear, quantize_rows
+from specdec.kernels.int8_linear import Int8Linear, quantize_padded
 
 BLOCK = 128  # activation columns per scale (w8a8_linear.cpp)
 _ROWS = 16
@@ -28,18 +28,11 @@ class W8A8Linear(Int8Linear):
 
     @classmethod
     def from_linear(cls, linear: torch.nn.Linear) -> "W8A8Linear":
-        w = linear.weight.detach()
-        out_features, in_features = w.shape
-        q, scale = quantize_rows(w)
-        bias = None if linear.bias is None else linear.bias.detach().float()
-        pad_n, pad_k = -out_features % _ROWS, -in_features % BLOCK
-        q = F.pad(q, (0, pad_k, 0, pad_n))
-        scale = F.pad(scale, (0, pad_n), value=1.0)
-        bias = None if bias is None else F.pad(bias, (0, pad_n))
+        q, scale, bias = quantize_padded(linear, columns=BLOCK)
         n_pad, k_pad = q.shape
         packed = q.view(n_pad // _ROWS, _ROWS, k_pad // 4, 4).permute(0, 2, 1, 3).contiguous()
         wsum = (128 * q.view(n_pad // _ROWS, _ROWS, k_pad // BLOCK, BLOCK).sum(-1, dtype=torch.int32))
-        return cls(packed, wsum.permute(0, 2, 1).contiguous(), scale.contiguous(), bias, in_features, out_features)
+        return cls(packed, wsum.permute(0, 2, 1).contiguous(), scale, bias, linear.in_features, linear.out_features)
 
     def int8_weight(self) -> torch.Tensor:
         blocks, quads = self.packed.shape[:2]

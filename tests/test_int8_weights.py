@@ -199,3 +199,27 @@ def test_a_cached_model_keeps_its_quantized_form_and_rebuilds_a_damaged_one(arch
     with pytest.warns(RuntimeWarning, match="portable fallback"):  # another dtype: its own file
         fp32, _ = models.load_folder(tmp_path, dtype=torch.float32, name="tiny", weights=kind, tokenizer=False)
     assert fp32.dtype == torch.float32 and "made from other weights or for another dtype" in capsys.readouterr().err
+
+
+def test_a_quantized_file_that_does_not_fit_the_modules_is_rebuilt(tmp_path, capsys):
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    from specdec import models
+    from specdec.models.int8_cache import file_name
+    from tiny_models import word_tokenizer
+
+    tiny_model("qwen2").save_pretrained(tmp_path)
+    word_tokenizer().save_pretrained(tmp_path)
+    ids = tiny_prompt()
+    first, _ = models.load_folder(tmp_path, dtype=torch.bfloat16, name="tiny", weights="int8", tokenizer=False)
+    path = tmp_path / file_name("int8")
+    with safe_open(str(path), framework="pt") as f:
+        meta = f.metadata()
+    state = load_file(str(path))
+    state["model.extra.weight"] = torch.zeros(1)  # a key the modules do not have (strict load fails)
+    save_file(state, str(path), metadata=meta)
+    capsys.readouterr()
+    again, _ = models.load_folder(tmp_path, dtype=torch.bfloat16, name="tiny", weights="int8", tokenizer=False)
+    assert "does not fit this model's modules" in capsys.readouterr().err
+    assert torch.equal(again(ids).logits, first(ids).logits)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 import warnings
 from pathlib import Path
 
@@ -86,7 +87,11 @@ def load_folder(folder: str | Path, dtype=None, device=None, name: str | None = 
 
         state = cached_int8_state(Path(folder), dtype, weights)
         if state is not None:
-            model = build_from_state(Path(folder), dtype, state)
+            try:
+                model = build_from_state(Path(folder), dtype, state)
+            except (RuntimeError, KeyError, ValueError) as exc:  # e.g. a transformers with other module names
+                print(f"specdec: the {weights} file in {folder} does not fit this model's modules "
+                      f"({type(exc).__name__}); rebuilding it from the dense weights", file=sys.stderr)
             del state
     if model is None:
         try:

@@ -20,10 +20,10 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"],
                    help="target, draft and baseline precision (auto: bf16 where the hardware has it natively, else "
                         "fp32; the presets name theirs)")
-    p.add_argument("--weights", choices=["dense", "int8", "w8a8"],
+    p.add_argument("--weights", choices=["dense", "int8", "w8a8", "gguf"],
                    help="target and draft weights: dense (default: every weight in --dtype), int8 (weight-only int8, "
-                        "bf16 activations) or w8a8 (int8 weights and activations), on native CPU kernels "
-                        "(docs/cpu-fast-path.md)")
+                        "bf16 activations), w8a8 (int8 weights and activations) or gguf (the GGUF file's own Q4_K / Q6_K "
+                        "tensors, as llama.cpp runs them), on native CPU kernels (docs/cpu-fast-path.md)")
     p.add_argument("--threads", type=int, help="torch CPU threads")
     p.add_argument("--drafter", action="append", help="preset drafter entry or registered drafter (repeatable)")
     p.add_argument("--verifier", help="acceptance rule (default greedy)")

@@ -24,7 +24,8 @@ import torch
 
 from specdec.precision import cpu_flags
 
-SOURCES = tuple(Path(__file__).with_name(f) for f in ("bindings.cpp", "int8_linear.cpp", "w8a8_linear.cpp"))
+SOURCES = tuple(Path(__file__).with_name(f)
+                for f in ("bindings.cpp", "int8_linear.cpp", "w8a8_linear.cpp", "kquant_linear.cpp"))
 HEADERS = (Path(__file__).with_name("tiles.h"),)  # part of the build key, not compiled alone
 REQUIRED_FLAGS = ("avx512f", "avx512bw", "avx512_bf16", "avx512_vnni")  # what the sources execute
 
@@ -51,7 +52,8 @@ def build_key() -> str:
 
 @lru_cache(maxsize=None)
 def cpu_kernels():
-    """The compiled extension (``int8_linear`` and ``w8a8_linear``), or None where the fallback must run."""
+    """The compiled extension (``int8_linear``, ``w8a8_linear``, ``kquant_linear``), or None where the fallback
+    must run."""
     setting = os.environ.get("SPECDEC_KERNELS", "auto")
     why = _unavailable(setting)
     if why is None:

@@ -117,10 +117,13 @@ def quantize_linears(model: torch.nn.Module, kind: str = "int8", skip: tuple = (
 
 
 def weights_kind(model: torch.nn.Module) -> str:
-    """``"w8a8"`` or ``"int8"`` when ``model`` holds such quantized layers, else ``"dense"`` (cost-table keys,
-    reports)."""
+    """``"gguf"``, ``"w8a8"`` or ``"int8"`` when ``model`` holds such quantized layers, else ``"dense"`` (cost-table
+    keys, reports)."""
+    from specdec.kernels.kquant_linear import KQuantLinear
     from specdec.kernels.w8a8_linear import W8A8Linear
 
+    if any(isinstance(m, KQuantLinear) for m in model.modules()):
+        return "gguf"
     for m in model.modules():
         if isinstance(m, W8A8Linear):
             return "w8a8"

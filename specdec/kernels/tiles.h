@@ -8,10 +8,10 @@
 
 namespace specdec {
 
-// y[t0 + t, jb*16 .. jb*16+15] = bf16(acc[t] * scale + bias) for t < tn (bias may be null).
+// y[t0 + t, jb*16 .. jb*16+15] = bf16(acc[t] * scale + bias) for t < tn (scale and bias may be null: 1 and 0).
 inline void store_block(const __m512* acc, int tn, const float* scale, const float* bias, at::BFloat16* y,
                         int64_t N, int64_t jb, int64_t t0) {
-  const __m512 sc = _mm512_loadu_ps(scale + jb * 16);
+  const __m512 sc = scale ? _mm512_loadu_ps(scale + jb * 16) : _mm512_set1_ps(1.f);
   const __m512 bi = bias ? _mm512_loadu_ps(bias + jb * 16) : _mm512_setzero_ps();
   for (int t = 0; t < tn; ++t) {
     const __m512 v = _mm512_fmadd_ps(acc[t], sc, bi);
@@ -22,7 +22,7 @@ inline void store_block(const __m512* acc, int tn, const float* scale, const flo
 // Calls tile(std::integral_constant<int, T>, jb, t0, tn) for every 16-row block jb (split over torch's threads)
 // and every tile of at most MaxTile tokens, T the smallest of 1, 2, 4, 8, 12, 16, 24 that holds the tile's tn
 // tokens (a tile's weights are re-read from cache, not memory, by the next tile of the same block).
-template <int MaxTile, typename Tile>  // MaxTile: 12 or 24
+template <int MaxTile, typename Tile>  // MaxTile: 8, 12 or 24
 void for_each_tile(int64_t n, int64_t row_blocks, Tile tile) {
   at::parallel_for(0, row_blocks, 1, [&](int64_t r0, int64_t r1) {
     for (int64_t jb = r0; jb < r1; ++jb) {
@@ -32,10 +32,12 @@ void for_each_tile(int64_t n, int64_t row_blocks, Tile tile) {
         else if (tn == 2) tile(std::integral_constant<int, 2>{}, jb, t0, tn);
         else if (tn <= 4) tile(std::integral_constant<int, 4>{}, jb, t0, tn);
         else if (tn <= 8) tile(std::integral_constant<int, 8>{}, jb, t0, tn);
-        else if (tn <= 12) tile(std::integral_constant<int, 12>{}, jb, t0, tn);
-        else if constexpr (MaxTile > 12) {
-          if (tn <= 16) tile(std::integral_constant<int, 16>{}, jb, t0, tn);
-          else tile(std::integral_constant<int, MaxTile>{}, jb, t0, tn);
+        else if constexpr (MaxTile > 8) {
+          if (tn <= 12) tile(std::integral_constant<int, 12>{}, jb, t0, tn);
+          else if constexpr (MaxTile > 12) {
+            if (tn <= 16) tile(std::integral_constant<int, 16>{}, jb, t0, tn);
+            else tile(std::integral_constant<int, MaxTile>{}, jb, t0, tn);
+          }
         }
       }
     }

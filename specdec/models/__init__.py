@@ -39,7 +39,7 @@ def gguf_path(name: str, cache_dir: str | Path | None = None) -> Path:
         return ensure_gguf(spec, cache)
 
 
-WEIGHTS = ("dense", "int8", "w8a8")
+WEIGHTS = ("dense", "int8", "w8a8", "gguf")
 
 
 def load(name: str, dtype=None, device=None, cache_dir: str | Path | None = None, tokenizer: bool = True,
@@ -51,13 +51,17 @@ def load(name: str, dtype=None, device=None, cache_dir: str | Path | None = None
     ``tokenizer=False`` returns ``(model, None)`` (a draft model shares the target's tokenizer).
     ``weights``: ``"dense"`` (every weight in ``dtype``), ``"int8"`` (weight-only int8 linear layers, LM head
     included, bf16 activations) or ``"w8a8"`` (the same int8 weights times int8 activations, rounded per token and
-    128-column block), both on native CPU kernels (:mod:`specdec.kernels`, docs/cpu-fast-path.md)."""
-    return load_folder(local_path(name, cache_dir), dtype=dtype, device=device, name=name, tokenizer=tokenizer,
-                       weights=weights)
+    128-column block), both on native CPU kernels (:mod:`specdec.kernels`, docs/cpu-fast-path.md), or ``"gguf"``
+    (the GGUF file's own Q4_K / Q6_K tensors, the model llama.cpp runs, times int8 activations rounded per 256
+    columns; :mod:`specdec.models.gguf_weights`)."""
+    folder = local_path(name, cache_dir)
+    gguf_file = gguf_path(name, cache_dir) if weights == "gguf" else None
+    return load_folder(folder, dtype=dtype, device=device, name=name, tokenizer=tokenizer, weights=weights,
+                       gguf_file=gguf_file)
 
 
 def load_folder(folder: str | Path, dtype=None, device=None, name: str | None = None, tokenizer: bool = True,
-                weights: str = "dense"):
+                weights: str = "dense", gguf_file: str | Path | None = None):
     """``(model, tokenizer)`` from a HF folder, reading the safetensors without memory-mapping them (peak memory:
     :mod:`specdec.models.reading`); ``dtype`` and ``weights`` as in :func:`load`. With ``name`` (a cached model),
     an unreadable file is reported as a CorruptCacheError naming the refetch command, and on the CPU an untied
@@ -72,6 +76,9 @@ def load_folder(folder: str | Path, dtype=None, device=None, name: str | None = 
     if weights not in WEIGHTS:
         raise InvalidInputError(f"unknown weights={weights!r}; choose one of {', '.join(WEIGHTS)}")
     quantized = weights != "dense"
+    if weights == "gguf" and gguf_file is None:
+        raise InvalidInputError("weights='gguf' runs the tensors of the GGUF file this model was converted from; "
+                                "pass gguf_file=<path>, or load a registered model by name")
     if quantized and device is not None and torch.device(device).type != "cpu":
         raise InvalidInputError(f"weights={weights!r} runs on the CPU kernels; load with device='cpu' (got "
                                 f"{device!r}) or use weights='dense' on this device")
@@ -100,19 +107,27 @@ def load_folder(folder: str | Path, dtype=None, device=None, name: str | None = 
         except Exception as exc:
             _reraise_as_corrupt(exc, folder, name, "weights or config")
             raise
-        if quantized:
+        if weights == "gguf":
+            from specdec.models.gguf_weights import apply_gguf_weights
+
+            apply_gguf_weights(model, gguf_file)
+        elif quantized:
             from specdec.kernels import quantize_linears
 
             quantize_linears(model, weights)
-            if int8_cached:
-                from specdec.models.int8_cache import save_int8_state
+        if int8_cached:
+            from specdec.models.int8_cache import save_int8_state
 
-                save_int8_state(model, Path(folder), dtype, weights)
+            save_int8_state(model, Path(folder), dtype, weights)
     if name is not None and (device is None or torch.device(device).type == "cpu"):
         map_input_embedding(model, folder)  # a cached model: its untied embedding table stays on disk, mapped
     release_memory()
     if device is not None:
         model = model.to(device)
+    if model.device.type == "cpu":
+        from specdec.attention import use_fast_cpu_attention
+
+        use_fast_cpu_attention(model)  # a few queries over a long cache: 8x faster than sdpa's CPU kernel
     model.eval()
     if not tokenizer:
         return model, None

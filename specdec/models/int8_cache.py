@@ -1,12 +1,14 @@
-"""The quantized form of a cached model, kept beside it so that ``load(name, weights="int8")`` (or ``"w8a8"``)
-reads ~1.8 GB once instead of reading the dense fp32 shards (7 GB for the 1.5B) and quantizing them on every load.
+"""The quantized form of a cached model, kept beside it so that ``load(name, weights="int8")`` (or ``"w8a8"``,
+``"gguf"``) reads ~1-2 GB once instead of reading the dense fp32 shards (7 GB for the 1.5B) and quantizing them on
+every load.
 
-The file ``int8.safetensors`` (``w8a8.safetensors``) holds the whole state dict of the quantized model (the
-quantized layers' buffers and every other parameter in the load's dtype), so loading builds the model's modules
-without initialising them, swaps in empty quantized layers, and assigns the tensors (``load_state_dict(strict=True, assign=True)``): a key or shape
-that differs is an error, never a half-loaded model. The header records the format version, the dtype and the
-sizes of the dense shards it came from; a file that does not match, or that cannot be read (cut short by a killed
-run), is rebuilt from the dense weights with a message, and written atomically.
+The file ``int8.safetensors`` (``w8a8.safetensors``, ``gguf.safetensors``) holds the whole state dict of the
+quantized model (the quantized layers' buffers and every other parameter in the load's dtype), so loading builds
+the model's modules without initialising them, swaps in empty quantized layers, and assigns the tensors
+(``load_state_dict(strict=True, assign=True)``): a key or shape that differs is an error, never a half-loaded
+model. The header records the format version, the dtype and the sizes of the dense shards it came from; a file that
+does not match, or that cannot be read (cut short by a killed run), is rebuilt from the dense weights with a
+message, and written atomically.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from pathlib import Path
 import torch
 
 FORMAT = "specdec-int8-v1"
+KINDS = ("int8", "w8a8", "gguf")
 
 
 def file_name(kind: str) -> str:
@@ -28,7 +31,7 @@ def source_signature(folder: Path) -> str:
     """The dense shards' names and sizes and the config: what the int8 file was made from."""
     parts = [(folder / "config.json").read_text()]
     for path in sorted(folder.glob("*.safetensors")):
-        if path.name not in (file_name("int8"), file_name("w8a8")):
+        if path.name not in {file_name(kind) for kind in KINDS}:
             parts.append(f"{path.name}:{path.stat().st_size}")
     return json.dumps(parts)
 
@@ -72,6 +75,7 @@ def build_from_state(folder: Path, dtype: torch.dtype, state: dict) -> torch.nn.
     from transformers.initialization import no_init_weights
 
     from specdec.kernels.int8_linear import Int8Linear
+    from specdec.kernels.kquant_linear import KQuantLinear
     from specdec.kernels.w8a8_linear import W8A8Linear
 
     config = AutoConfig.from_pretrained(folder)
@@ -80,7 +84,13 @@ def build_from_state(folder: Path, dtype: torch.dtype, state: dict) -> torch.nn.
     for name, module in list(model.named_modules()):
         for child_name, child in list(module.named_children()):
             full = f"{name}.{child_name}" if name else child_name
-            if type(child) is torch.nn.Linear and f"{full}.packed" in state:
+            if type(child) is torch.nn.Linear and f"{full}.qs" in state:
+                bias = state[f"{full}.bias"]
+                fields = [state[f"{full}.{k}"] for k in ("qs", "sc", "mins", "d", "dmin")]
+                setattr(module, child_name, KQuantLinear(int(state[f"{full}.qtype"]), *fields,
+                                                         bias if bias.numel() else None, child.in_features,
+                                                         child.out_features))
+            elif type(child) is torch.nn.Linear and f"{full}.packed" in state:
                 bias = state[f"{full}.bias"]
                 args = (state[f"{full}.scale"], bias if bias.numel() else None, child.in_features, child.out_features)
                 if f"{full}.wsum" in state:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import sys
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 
 from specdec.errors import CorruptCacheError
@@ -55,17 +56,19 @@ def load(name: str, dtype=None, device=None, cache_dir: str | Path | None = None
     (the GGUF file's own Q4_K / Q6_K tensors, the model llama.cpp runs, times int8 activations rounded per 256
     columns; :mod:`specdec.models.gguf_weights`)."""
     folder = local_path(name, cache_dir)
-    gguf_file = gguf_path(name, cache_dir) if weights == "gguf" else None
+    gguf_file = (lambda: gguf_path(name, cache_dir)) if weights == "gguf" else None  # checked only when read
     return load_folder(folder, dtype=dtype, device=device, name=name, tokenizer=tokenizer, weights=weights,
                        gguf_file=gguf_file)
 
 
 def load_folder(folder: str | Path, dtype=None, device=None, name: str | None = None, tokenizer: bool = True,
-                weights: str = "dense", gguf_file: str | Path | None = None):
+                weights: str = "dense", gguf_file: "str | Path | Callable[[], Path] | None" = None):
     """``(model, tokenizer)`` from a HF folder, reading the safetensors without memory-mapping them (peak memory:
     :mod:`specdec.models.reading`); ``dtype`` and ``weights`` as in :func:`load`. With ``name`` (a cached model),
     an unreadable file is reported as a CorruptCacheError naming the refetch command, and on the CPU an untied
-    input-embedding table is kept on disk, memory-mapped (:mod:`specdec.models.mapped_embedding`)."""
+    input-embedding table is kept on disk, memory-mapped (:mod:`specdec.models.mapped_embedding`).
+    ``weights="gguf"`` needs ``gguf_file``, the GGUF file the folder was converted from (or a function returning
+    it, called only when the file must be read)."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -110,7 +113,7 @@ def load_folder(folder: str | Path, dtype=None, device=None, name: str | None = 
         if weights == "gguf":
             from specdec.models.gguf_weights import apply_gguf_weights
 
-            apply_gguf_weights(model, gguf_file)
+            apply_gguf_weights(model, gguf_file() if callable(gguf_file) else gguf_file)
         elif quantized:
             from specdec.kernels import quantize_linears
 

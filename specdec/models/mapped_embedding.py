@@ -26,8 +26,10 @@ def map_input_embedding(model: torch.nn.Module, folder: str | Path) -> bool:
     embedding = model.get_input_embeddings()
     weight = getattr(embedding, "weight", None)
     head = model.get_output_embeddings()
+    # a quantized head has no weight parameter (its .weight is a de-quantized copy, slow to make): never tied
+    head_weight = None if head is None else head._parameters.get("weight")
     if (weight is None or weight.device.type != "cpu" or not weight.is_floating_point()
-            or (head is not None and head.weight.data_ptr() == weight.data_ptr())):
+            or (head_weight is not None and head_weight.data_ptr() == weight.data_ptr())):
         return False
     table = weight.detach().contiguous()
     path = Path(folder) / f"input_embedding.{str(table.dtype).removeprefix('torch.')}.bin"

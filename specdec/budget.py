@@ -202,8 +202,8 @@ def measure_forward_costs(model: torch.nn.Module, sizes: tuple[int, ...] = DEFAU
 
 
 def cost_key(model: torch.nn.Module, sizes: tuple[int, ...] = DEFAULT_SIZES, context: int = 256) -> str:
-    """What the cost of a forward depends on: the model, its device, dtype and weight format, torch's threads, the
-    measurement."""
+    """What the cost of a forward depends on: the model, its device, dtype, weight format and attention
+    implementation, torch's threads, the measurement."""
     from specdec.kernels import weights_kind
 
     config = text_config(model)
@@ -214,8 +214,10 @@ def cost_key(model: torch.nn.Module, sizes: tuple[int, ...] = DEFAULT_SIZES, con
     layers = getattr(config, "num_hidden_layers", None)
     kind = weights_kind(model)
     weights = "" if kind == "dense" else f"|weights={kind}"  # dense keys stay as they were
+    attention = getattr(config, "_attn_implementation", None)
+    attention = "" if attention in (None, "sdpa") else f"|attn={attention}"  # specdec_cpu: 8x cheaper at 700 keys
     return (f"{getattr(model.config, 'name_or_path', '')}|{type(model).__name__}|hidden={config.hidden_size}|"
-            f"layers={layers}|{device}|{weight.dtype}{weights}|threads={torch.get_num_threads()}|"
+            f"layers={layers}|{device}|{weight.dtype}{weights}{attention}|threads={torch.get_num_threads()}|"
             f"sizes={','.join(map(str, sizes))}|context={context}")
 
 

@@ -13,6 +13,7 @@ from specdec.errors import InvalidInputError, UnknownNameError
 DEFAULT_PRESET = "qwen-coder-pair"
 KEYS = {"target", "draft", "dtype", "weights", "threads", "max_new_tokens", "limit", "categories", "verifier", "baselines",
         "drafters", "prompts", "output", "chat", "do_sample", "temperature", "top_k", "top_p", "seed"}
+ENTRY_KEYS = {"drafter", "baseline", "options", "verifier", "uses_draft_model"}  # one entry under `drafters:`
 
 
 def _shipped() -> dict[str, object]:
@@ -44,4 +45,13 @@ def load_preset(name_or_path: str | None) -> dict:
     unknown = set(data) - KEYS
     if unknown:
         raise InvalidInputError(f"{path}: unknown keys {sorted(unknown)}; valid keys: {', '.join(sorted(KEYS))}")
+    for entry_name, entry in (data.get("drafters") or {}).items():
+        if not isinstance(entry, dict):
+            raise InvalidInputError(f"{path}: drafter entry {entry_name!r} must be a mapping, e.g. "
+                                    "{drafter: draft-model, options: {depth: 4}}")
+        unknown = set(entry) - ENTRY_KEYS
+        if unknown:  # an option written beside `drafter:` would otherwise be silently ignored
+            raise InvalidInputError(f"{path}: drafter entry {entry_name!r} has unknown keys {sorted(unknown)}; valid "
+                                    f"keys: {', '.join(sorted(ENTRY_KEYS))} (drafter options go under options: "
+                                    "{...})")
     return data

@@ -83,8 +83,12 @@ def test_loading_a_model_on_the_cpu_switches_it_to_the_cpu_attention(tmp_path):
 
     tiny_model("qwen2").save_pretrained(tmp_path)
     word_tokenizer().save_pretrained(tmp_path)
+    from specdec.budget import cost_key
+
     model, _ = models.load_folder(tmp_path, dtype=torch.float32, tokenizer=False)
     assert model.config._attn_implementation == "specdec_cpu"
+    # forward costs measured under sdpa are not reused for the other attention (they differ 8x at 700 keys)
+    assert "attn=specdec_cpu" in cost_key(model) and "attn=" not in cost_key(tiny_model("qwen2"))
     other = copy.deepcopy(model)
     other.set_attn_implementation("eager")  # a user's choice other than sdpa is left alone
     assert attention.use_fast_cpu_attention(other).config._attn_implementation == "eager"

@@ -49,6 +49,18 @@ def test_presets_load_and_unknown_preset_lists_choices():
         load_preset("nope")
 
 
+def test_every_shipped_preset_loads_and_a_drafter_option_outside_options_is_refused(tmp_path):
+    for name in available_presets():
+        load_preset(name)
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("target: qwen2.5-coder-1.5b\ndrafters:\n  lean: {drafter: draft-model, min_prob: 0.6}\n")
+    with pytest.raises(InvalidInputError, match=r"entry 'lean' has unknown keys \['min_prob'\].*options: \{"):
+        load_preset(str(bad))
+    bad.write_text("drafters:\n  lean: draft-model\n")
+    with pytest.raises(InvalidInputError, match="must be a mapping"):
+        load_preset(str(bad))
+
+
 def test_unknown_drafter_lists_entries_and_registered_names():
     with pytest.raises(UnknownNameError, match="registered drafters: .*prompt-lookup"):
         select_drafters({"tree": {"drafter": "draft-model"}}, ["nope"])

@@ -43,6 +43,8 @@ DRAFTER_FACTORIES: dict[str, dict[str, Factory]] = {
     "prompt-lookup": {
         "chain": lambda target, arch: {},
         "tree": lambda target, arch: dict(num_candidates=3),
+        # hand-made costs: a forward over 2 tokens costs 1.1x one, 11 tokens 3x, so the length varies with the rates
+        "auto-length": lambda target, arch: dict(num_tokens="auto", costs={1: 1.0, 2: 1.1, 4: 1.4, 11: 3.0}),
     },
     # hand-made costs (size -> seconds; a forward over 16 tokens costs 1.5x one): the auto budget prunes the template
     "token-recycling": {

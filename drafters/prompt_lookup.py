@@ -7,7 +7,7 @@ Matches are searched for n = max_ngram down to min_ngram with one vectorised com
 Where we differ: ``num_tokens="auto"`` copies as many tokens as maximise expected tokens per second, from the
 target's measured forward costs and the acceptance rate by depth seen so far (in the spirit of Sequoia's
 hardware-aware budget, arXiv 2402.12374). HF always copies ``prompt_lookup_num_tokens``; on a CPU where a forward
-over 11 tokens costs 2.5x one (4-bit weights) and the first copied token is accepted a third of the time, that
+over 11 tokens costs 2.7x one (4-bit weights) and the first copied token is accepted a third of the time, that
 loses to plain decoding.
 """
 

@@ -1,6 +1,6 @@
-"""Quantized weights (``weights="int8"`` and ``"w8a8"``, specdec.kernels): the kernels compute what their
-definitions say, a token's output does not depend on how many tokens share the call, and speculative decoding on a
-quantized target equals that target's own greedy decoding."""
+"""Quantized weights (``weights="int8"`` and ``"w8a8"``, specdec.kernels; the fallback test covers gguf's layers
+too): the kernels compute what their definitions say, a token's output does not depend on how many tokens share
+the call, and speculative decoding on a quantized target equals that target's own greedy decoding."""
 
 from __future__ import annotations
 
@@ -15,8 +15,10 @@ from specdec.drafters import create_drafter
 from specdec.errors import InvalidInputError
 from specdec.kernels import Int8Linear, W8A8Linear, cpu_kernels, kernel_status, quantize_linears, weights_kind
 from specdec.kernels.build import REQUIRED_FLAGS
+from specdec.kernels.kquant_linear import Q4_K, Q6_K
 from specdec.kernels.w8a8_linear import quantize_activations
 from specdec.precision import cpu_flags
+from tiny_kquants import kquant_layer
 from tiny_models import ARCHS, greedy_reference, tiny_model, tiny_prompt
 
 SHAPES = [(37, 19, True), (96, 64, False), (256, 1536, True)]  # odd sizes exercise the padding
@@ -86,11 +88,20 @@ def test_the_native_kernel_runs_where_the_cpu_has_the_instructions():
         assert kernel is None and kernel_status()["cpu"].startswith("fallback: this CPU lacks")
 
 
-@pytest.mark.parametrize("layer_class", [Int8Linear, W8A8Linear])
-def test_the_fallback_agrees_with_the_kernel_and_can_be_forced(layer_class, monkeypatch):
+QUANTIZED_LAYERS = {  # name -> (make a quantized layer from a float linear, its input size)
+    "int8": (lambda linear: Int8Linear.from_linear(linear.to(torch.bfloat16)), 64),
+    "w8a8": (lambda linear: W8A8Linear.from_linear(linear.to(torch.bfloat16)), 64),
+    "q4_k": (lambda linear: kquant_layer(linear, Q4_K), 512),
+    "q6_k": (lambda linear: kquant_layer(linear, Q6_K), 512),
+}
+
+
+@pytest.mark.parametrize("kind", QUANTIZED_LAYERS)
+def test_the_fallback_agrees_with_the_kernel_and_can_be_forced(kind, monkeypatch):
     torch.manual_seed(1)
-    layer = layer_class.from_linear(torch.nn.Linear(64, 48).to(torch.bfloat16))
-    x = torch.randn(7, 64, dtype=torch.bfloat16)
+    make, in_features = QUANTIZED_LAYERS[kind]
+    layer = make(torch.nn.Linear(in_features, 48))
+    x = torch.randn(7, in_features, dtype=torch.bfloat16)
     native = layer(x)
     monkeypatch.setenv("SPECDEC_KERNELS", "0")
     cpu_kernels.cache_clear()

@@ -77,16 +77,26 @@ inline __m512i signed16(const uint8_t* p) {  // 16 int8 -> int32
   return _mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
 }
 
+// The tokens of a tile's T slots (unused slots repeat the last real token): their rows and int8 activations.
+template <int T>
+struct TileRows {
+  int64_t rows[T];
+  const int32_t* act[T];  // four activation bytes per int32, broadcast as one VPDPBUSD operand
+  TileRows(const Args& p, int64_t t0, int tn) {
+    for (int t = 0; t < T; ++t) {
+      rows[t] = t0 + std::min(t, tn - 1);
+      act[t] = reinterpret_cast<const int32_t*>(p.a + rows[t] * p.K);
+    }
+  }
+};
+
 template <int T>
 void tile_q4_k(const Args& p, int64_t jb, int64_t t0, int tn) {
   const int64_t blocks = p.K / QK;
   const __m512i low4 = _mm512_set1_epi8(0x0F);
-  const int32_t* act[T];
-  int64_t rows[T];
-  for (int t = 0; t < T; ++t) {
-    rows[t] = t0 + std::min(t, tn - 1);
-    act[t] = reinterpret_cast<const int32_t*>(p.a + rows[t] * p.K);
-  }
+  const TileRows<T> tile(p, t0, tn);
+  const auto& rows = tile.rows;
+  const auto& act = tile.act;
   __m512 acc[T];
   for (int t = 0; t < T; ++t) acc[t] = _mm512_setzero_ps();
   for (int64_t b = 0; b < blocks; ++b) {
@@ -132,12 +142,9 @@ template <int T>
 void tile_q6_k(const Args& p, int64_t jb, int64_t t0, int tn) {
   const int64_t blocks = p.K / QK;
   const __m512i low4 = _mm512_set1_epi8(0x0F), high2 = _mm512_set1_epi8(0x30);
-  const int32_t* act[T];
-  int64_t rows[T];
-  for (int t = 0; t < T; ++t) {
-    rows[t] = t0 + std::min(t, tn - 1);
-    act[t] = reinterpret_cast<const int32_t*>(p.a + rows[t] * p.K);
-  }
+  const TileRows<T> tile(p, t0, tn);
+  const auto& rows = tile.rows;
+  const auto& act = tile.act;
   __m512 acc[T];
   for (int t = 0; t < T; ++t) acc[t] = _mm512_setzero_ps();
   for (int64_t b = 0; b < blocks; ++b) {

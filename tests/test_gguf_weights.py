@@ -199,7 +199,7 @@ def test_load_runs_the_gguf_tensors_of_the_converted_model(arch, tmp_path):
     assert a.shape == b.shape and (a - b).norm() < 0.05 * b.norm()
 
 
-def test_load_refuses_a_gguf_file_of_another_model_and_needs_one(tmp_path):
+def test_load_refuses_a_gguf_file_of_another_model_a_damaged_one_and_needs_one(tmp_path):
     from specdec import models
 
     (tmp_path / "a").mkdir()
@@ -210,6 +210,12 @@ def test_load_refuses_a_gguf_file_of_another_model_and_needs_one(tmp_path):
         models.load_folder(tmp_path / "a", dtype=torch.bfloat16, weights="gguf", gguf_file=other, tokenizer=False)
     with pytest.raises(InvalidInputError, match="pass gguf_file=<path>"):
         models.load_folder(tmp_path / "a", dtype=torch.bfloat16, weights="gguf", tokenizer=False)
+    with pytest.raises(InvalidInputError, match="does not exist"):
+        models.load_folder(tmp_path / "a", weights="gguf", gguf_file=tmp_path / "none.gguf", tokenizer=False)
+    cut = tmp_path / "cut.gguf"  # a download or copy cut short
+    cut.write_bytes((tmp_path / "a" / "model.gguf").read_bytes()[:5000])
+    with pytest.raises(InvalidInputError, match="could not read .*cut.gguf as a GGUF file.*is it complete"):
+        models.load_folder(tmp_path / "a", weights="gguf", gguf_file=cut, tokenizer=False)
 
 
 def test_tensors_in_formats_without_a_kernel_run_as_w8a8_and_the_load_says_so(tmp_path, capsys):

@@ -42,14 +42,10 @@ def gguf_tensor_name(module_name: str, tensors: dict) -> str | None:
 
 def apply_gguf_weights(model: torch.nn.Module, gguf_file: str | Path) -> Counter:
     """Swap ``model``'s linear layers for the GGUF file's tensors; return how many layers run in each format."""
-    import gguf
-
     from specdec.kernels.kquant_linear import NAMES, KQuantLinear
     from specdec.kernels.w8a8_linear import W8A8Linear
 
-    reader = gguf.GGUFReader(str(gguf_file))
-    field = reader.fields["general.architecture"]
-    arch = bytes(field.parts[field.data[0]]).decode()
+    reader, arch = _read(gguf_file)
     tensors = {t.name: t for t in reader.tensors}
     counts: Counter = Counter()
     for name, module in list(model.named_modules()):
@@ -78,6 +74,23 @@ def apply_gguf_weights(model: torch.nn.Module, gguf_file: str | Path) -> Counter
         print(f"specdec: weights='gguf' runs {sum(others.values())} of {sum(counts.values())} linear layers as w8a8 "
               f"(no kernel for their GGUF format): {dict(others)}", file=sys.stderr)
     return counts
+
+
+def _read(gguf_file: str | Path):
+    """``(GGUFReader, architecture)``, or an error naming the file and what is wrong with it."""
+    import gguf
+
+    path = Path(gguf_file)
+    if not path.is_file():
+        raise InvalidInputError(f"weights='gguf': the GGUF file {path} does not exist")
+    try:
+        reader = gguf.GGUFReader(str(path))
+        field = reader.fields["general.architecture"]
+        return reader, bytes(field.parts[field.data[0]]).decode()
+    except Exception as exc:  # a file cut short, not a GGUF file, or one without an architecture
+        raise InvalidInputError(f"weights='gguf': could not read {path} as a GGUF file ({type(exc).__name__}: "
+                                f"{exc}); is it complete? For a registered model, `specdec models --refetch <name>` "
+                                "fetches it again") from exc
 
 
 def _hf_row_order(blocks: np.ndarray, tensor_name: str, arch: str, config) -> np.ndarray:

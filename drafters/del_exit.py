@@ -42,6 +42,7 @@ from dataclasses import dataclass
 
 import torch
 
+from specdec.draft_length import POLICIES, create_length_policy
 from specdec.drafters import register_drafter
 from specdec.drafters.base import Drafter
 from specdec.errors import InvalidInputError
@@ -57,6 +58,8 @@ class DelConfig:
     max_draft: int = 8  # largest gamma considered (the draft may stop earlier by confidence)
     min_draft: int = 0  # smallest gamma considered (0 lets TPL choose not to draft when no exit pays)
     stop_threshold: float = 0.5  # stop drafting after a token whose top-1 probability is below this
+    length_policy: str = "confidence"  # specdec.draft_length: "confidence" (stop_threshold on the newest token),
+    #                                    "fixed" (always the chosen gamma) or "hf-heuristic" (HF's schedule)
     decay: float = 0.9  # weight of the past in the per-exit acceptance averages (~10 recent steps)
     prior_acceptance: float = 0.5  # a_E before any observation
     shadow_positions: int = 2  # verified positions per step that get shadow tokens (root first); each adds one
@@ -74,6 +77,9 @@ class DelConfig:
         for name in ("stop_threshold", "prior_acceptance"):
             if not 0.0 <= getattr(self, name) <= 1.0:
                 raise InvalidInputError(f"del {name} must be in [0, 1], got {getattr(self, name)}")
+        if self.length_policy not in POLICIES:
+            raise InvalidInputError(f"del length_policy must be one of {', '.join(POLICIES)}, got "
+                                    f"{self.length_policy!r}")
         if not 0.0 <= self.decay < 1.0:
             raise InvalidInputError(f"del decay must be in [0, 1), got {self.decay}")
         if self.verify_growth < 0 or (self.head_cost is not None and self.head_cost < 0):
@@ -113,6 +119,7 @@ class DelDrafter(Drafter):
         self.config = config or DelConfig(**options)
         c = self.config
         self.runner = LayerSkipRunner(target)
+        self.length_policy = create_length_policy(c.length_policy, c.stop_threshold, on="token")
         layers = self.runner.num_layers
         if layers < 2:
             raise InvalidInputError("early exit needs a target with at least 2 layers")
@@ -140,9 +147,9 @@ class DelDrafter(Drafter):
             return DraftTree.empty(state.sequence.device)
         self.exit_counts[self.choice.exit_layer] = self.exit_counts.get(self.choice.exit_layer, 0) + 1
         chain = draft_chain(self.runner, SkipPlan(exit_layer=self.choice.exit_layer), state.target,
-                            state.sequence[0], state.sampling, gamma, c.stop_threshold)
+                            state.sequence[0], state.sampling, gamma, self.length_policy)
         self.forward_count += chain.depth
-        return DraftTree.chain(chain.tokens.to(state.sequence.device))
+        return DraftTree.chain(chain.tokens.to(state.sequence.device)).with_stop_reason(chain.stop_reason)
 
     def describe(self) -> dict:
         return {"exits": self.exits.tolist(), "acceptance": [round(float(a), 4) for a in self.acceptance],
@@ -150,6 +157,8 @@ class DelDrafter(Drafter):
 
     def observe(self, state: DecodeState, outcome: StepOutcome) -> None:
         """Shadow tokens: would each candidate exit have drafted the target's token at the verified positions?"""
+        if outcome.tree.size:
+            self.length_policy.observe(outcome.tree.max_depth, outcome.result.num_accepted)
         hidden = outcome.hidden_states
         if hidden is None:  # e.g. a wrapper replaced the outcome; nothing to learn from this step
             return

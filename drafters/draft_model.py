@@ -48,6 +48,7 @@ import torch
 from specdec.budget import choose_budget, forward_costs, update_calibration
 from specdec.drafters import register_drafter
 from specdec.drafters.base import Drafter
+from specdec.draft_length import POLICIES, DepthSignal, StopReason, create_length_policy
 from specdec.drafters.sampled_pool import grow_sampled_pool, sampled_order
 from specdec.errors import IncompatibleModelsError, InvalidInputError
 from specdec.memory import release_memory
@@ -72,6 +73,9 @@ class DraftModelConfig:
     max_budget: int = 32  # cap of an "auto" budget
     min_prob: float = 0.2  # stop expanding once the best frontier path probability falls below this: one more
     #                         int8 draft forward (~35 ms) must buy more than it costs (tuned on the Qwen pair, bf16)
+    length_policy: str = "confidence"  # when to stop drafting deeper (specdec.draft_length): "confidence" (the
+    #                                    best path's probability below min_prob), "fixed" (always to depth) or
+    #                                    "hf-heuristic" (HF's num_assistant_tokens schedule); greedy drafts only
     quantize: str | None = "auto"  # "int8": dynamic int8 Linear layers (CPU only); "auto": int8 when on CPU
     dtype: str | None = None  # cast the draft model ("bfloat16", "float32"); None keeps it as given
     sample_tree: str = "without_replacement"  # do_sample=True: "without_replacement", "iid" or "topk" children
@@ -87,6 +91,9 @@ class DraftModelConfig:
         if self.sample_tree not in SAMPLE_TREES:
             raise InvalidInputError(f"draft-model sample_tree must be one of {', '.join(map(repr, SAMPLE_TREES))}, "
                                     f"got {self.sample_tree!r}")
+        if self.length_policy not in POLICIES:
+            raise InvalidInputError(f"draft-model length_policy must be one of {', '.join(POLICIES)}, got "
+                                    f"{self.length_policy!r}")
         if self.quantize not in (None, "int8", "auto"):
             raise InvalidInputError(f"draft-model quantize must be None, 'int8' or 'auto', got {self.quantize!r}")
 
@@ -263,6 +270,7 @@ class DraftModelDrafter(Drafter):
         self._costs = None  # the target's measured forward costs (budget="auto"), measured on first use
         self._calibration = 1.0  # running (accepted tokens) / (predicted tokens) of the draft's path probabilities
         self._predicted = 0.0  # value the last auto-sized tree predicted (sum of its node values)
+        self.length_policy = create_length_policy(self.config.length_policy, self.config.min_prob, on="path")
 
     # ------------------------------------------------------------------ engine hooks
     def begin(self, state: DecodeState) -> None:
@@ -288,10 +296,13 @@ class DraftModelDrafter(Drafter):
         parents = torch.full((topk,), -1, dtype=torch.long, device=dev)
         level = torch.arange(topk, device=dev)  # pool indices of the newest level
         fed = _Fed.empty(dev)
+        reason = StopReason.MAX_DEPTH
         for d in range(2, depth + 1):
             lvl_scores = scores[level]
-            if float(lvl_scores.max().exp()) < self.config.min_prob:
+            reason = self.length_policy.stop(self._signal(d - 1, scores, parents, level))
+            if reason is not None:
                 break
+            reason = StopReason.MAX_DEPTH
             expand = level[lvl_scores.topk(min(width, level.numel())).indices]  # [w] pool indices
             logits, paths = self._feed(fed, tokens, parents, expand, d, state.sampling.penalizes_repetition)
             child_logp, child_tok = self._log_q(logits, state, paths).topk(topk)  # [w, topk]
@@ -305,7 +316,16 @@ class DraftModelDrafter(Drafter):
         order = torch.sort(scores, descending=True, stable=True).indices
         budget = self._auto_budget(scores[order], budget, t_start)
         chosen = order[:budget].sort().values  # creation order is topological
-        return self._finish(state, fed, tokens, parents, chosen)
+        return self._finish(state, fed, tokens, parents, chosen, stop_reason=reason)
+
+    @staticmethod
+    def _signal(drafted: int, scores: torch.Tensor, parents: torch.Tensor, level: torch.Tensor) -> DepthSignal:
+        """What the length policy sees after ``drafted`` levels: the best path's probability and its last token's."""
+        best = level[scores[level].argmax()]
+        parent = parents[best]
+        last = torch.where(parent >= 0, scores[best] - scores[parent.clamp(min=0)], scores[best])
+        path, token = torch.stack([scores[best], last]).exp().tolist()  # one host sync per level
+        return DepthSignal(drafted, path, token)
 
     def _propose_sampled(self, state: DecodeState, root_logits: torch.Tensor, depth: int,
                          t_start: float) -> DraftTree:
@@ -320,14 +340,15 @@ class DraftModelDrafter(Drafter):
             logits, paths = self._feed(fed, tokens, parents, nodes, d + 1, state.sampling.penalizes_repetition)
             return self._log_q(logits, state, paths)  # [w, V]
 
-        # no min_prob stop: a sampled token is accepted with probability ~1 - TV(p, q), not ~q(x)
+        # no length policy: a sampled token is accepted with probability ~1 - TV(p, q), not ~q(x); drafts go to depth
         root_log_q = self._log_q(root_logits[None], state)[0]  # [V]
         pool = grow_sampled_pool(root_log_q, expand, depth, topk, width, kind, state.generator)
         order = sampled_order(pool)  # whole sibling groups by their parent's score, the last one cut by draw rank
         if self.config.budget == "auto" and self.config.mode == "tree":
             budget = self._auto_budget(pool.scores[order], budget, t_start)
         chosen = order[:budget].sort().values  # creation order: parents first, siblings in draw order
-        return self._finish(state, fed, pool.tokens, pool.parents, chosen, pool.q_at(chosen), kind)
+        return self._finish(state, fed, pool.tokens, pool.parents, chosen, pool.q_at(chosen), kind,
+                            StopReason.MAX_DEPTH)
 
     def _auto_budget(self, ordered_scores: torch.Tensor, budget: int, t_start: float) -> int:
         """``budget`` unless it is "auto": then the node count (<= max_budget) that maximises expected tokens per
@@ -369,7 +390,7 @@ class DraftModelDrafter(Drafter):
 
     def _finish(self, state: DecodeState, fed: "_Fed", tokens: torch.Tensor, parents: torch.Tensor,
                 chosen: torch.Tensor, draft_probs: torch.Tensor | None = None,
-                kind: ProposalKind = ProposalKind.POINT_MASS) -> DraftTree:
+                kind: ProposalKind = ProposalKind.POINT_MASS, stop_reason: StopReason | None = None) -> DraftTree:
         """The tree of pool nodes ``chosen`` (increasing, ancestor-closed); remembers the pool for ``observe``."""
         dev = self.runner.device
         remap = torch.full((tokens.numel(),), -1, dtype=torch.long, device=dev)
@@ -380,7 +401,8 @@ class DraftModelDrafter(Drafter):
         self._fed_slots = torch.cat([fed.slot, torch.full((tokens.numel() - fed.slot.numel(),), -1,
                                                           dtype=torch.long, device=dev)])
         self._pool_tokens = tokens
-        return DraftTree(tokens[chosen], new_parents, draft_probs, kind).to(state.sequence.device)
+        tree = DraftTree(tokens[chosen], new_parents, draft_probs, kind, stop_reason)
+        return tree.to(state.sequence.device)
 
     def _log_q(self, logits: torch.Tensor, state: DecodeState, paths: torch.Tensor | None = None) -> torch.Tensor:
         """FloatTensor [m, V]: log of the draft distribution after each row of ``logits`` [m, V], through the same
@@ -403,6 +425,7 @@ class DraftModelDrafter(Drafter):
             return
         if self.tree_budget is not None:  # auto budget: about the last ten steps (specdec.budget)
             self._calibration = update_calibration(self._calibration, outcome.result.num_accepted, self._predicted)
+        self.length_policy.observe(outcome.tree.max_depth, outcome.result.num_accepted)
         accepted_pool = self._chosen[outcome.result.accepted_nodes.to(self._chosen.device)]
         slots = self._fed_slots[accepted_pool]
         in_sequence = min(int((slots >= 0).sum()), outcome.emitted.numel())  # fed nodes form a prefix of the path

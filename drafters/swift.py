@@ -39,6 +39,7 @@ from dataclasses import dataclass
 
 import torch
 
+from specdec.draft_length import POLICIES, create_length_policy
 from specdec.drafters import register_drafter
 from specdec.drafters.base import Drafter
 from specdec.drafters.swift_search import (LayerSetSearch, SearchConfig, initial_indicator, load_layer_set,
@@ -55,6 +56,8 @@ class SwiftConfig:
     skip_ratio: float = 0.45  # share of the 2(L - 2) skippable sub-layers skipped (paper: 0.45)
     max_draft: int = 6  # chain tokens per proposal (paper: 25; a draft token costs ~0.6 target forwards here)
     stop_threshold: float = 0.8  # stop drafting after a token whose top-1 probability is below this (paper: 0.8)
+    length_policy: str = "confidence"  # specdec.draft_length: "confidence" (stop_threshold on the newest token),
+    #                                    "fixed" (always max_draft) or "hf-heuristic" (HF's schedule)
     siblings: bool = True  # add the top-c alternatives at each depth as leaf siblings (paper's dynamic tree)
     sibling_thresholds: tuple[float, ...] = (0.95, 0.8, 0.5)  # top-1 probability buckets choosing c (paper)
     greedy_counts: tuple[int, ...] = (3, 5, 8, 10)  # c per bucket, greedy decoding (chain token included; paper)
@@ -80,6 +83,9 @@ class SwiftConfig:
             raise InvalidInputError(f"swift skip_ratio must be in [0, 1), got {self.skip_ratio}")
         if not 0.0 <= self.stop_threshold <= 1.0:
             raise InvalidInputError(f"swift stop_threshold must be in [0, 1], got {self.stop_threshold}")
+        if self.length_policy not in POLICIES:
+            raise InvalidInputError(f"swift length_policy must be one of {', '.join(POLICIES)}, got "
+                                    f"{self.length_policy!r}")
         for name in ("max_draft", "max_nodes", "window", "iterations_per_step"):
             if getattr(self, name) < 1:
                 raise InvalidInputError(f"swift {name} must be >= 1, got {getattr(self, name)}")
@@ -105,6 +111,7 @@ class SwiftDrafter(Drafter):
         self.config = config or SwiftConfig(**options)
         self.runner = LayerSkipRunner(target)
         c = self.config
+        self.length_policy = create_length_policy(c.length_policy, c.stop_threshold, on="token")
         layers = self.runner.num_layers
         cfg = text_config(target)
         vocab = self.runner.lm_head.out_features
@@ -132,9 +139,10 @@ class SwiftDrafter(Drafter):
         counts = c.sampling_counts if state.sampling.do_sample else c.greedy_counts
         top_c = max(counts) if c.siblings else 1
         chain = draft_chain(self.runner, self.plan, state.target, state.sequence[0], state.sampling, depth,
-                            c.stop_threshold, top_c)
+                            self.length_policy, top_c)
         self.forward_count += chain.depth
-        return self._tree(chain, counts if c.siblings else None).to(state.sequence.device)
+        tree = self._tree(chain, counts if c.siblings else None).with_stop_reason(chain.stop_reason)
+        return tree.to(state.sequence.device)
 
     def _tree(self, chain: DraftChain, counts: tuple[int, ...] | None) -> DraftTree:
         """The chain, each depth followed by its top-c alternatives as siblings (shallowest first within budget)."""
@@ -160,6 +168,8 @@ class SwiftDrafter(Drafter):
 
     # ------------------------------------------------------------------ layer-set search
     def observe(self, state: DecodeState, outcome: StepOutcome) -> None:
+        if outcome.tree.size:
+            self.length_policy.observe(outcome.tree.max_depth, outcome.result.num_accepted)
         search, w = self.search, self.config.window
         if search is None or search.done or state.num_generated < w + 1:
             return

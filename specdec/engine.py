@@ -135,6 +135,9 @@ class SpecEngine:
         budget = getattr(self.drafter, "tree_budget", None)  # drafters that size trees to the hardware report it
         if budget is not None:
             stats.tree_budgets.append(int(budget))
+        if proposed.stop_reason is not None:  # sequential drafters: why the draft ended (specdec.draft_length)
+            reason = str(getattr(proposed.stop_reason, "value", proposed.stop_reason))
+            stats.stop_reasons[reason] = stats.stop_reasons.get(reason, 0) + 1
 
         done = self._emit(state, stops, result.tokens, streamer)
         if tree is not proposed:  # report node indices of the tree the drafter proposed

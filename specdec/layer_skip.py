@@ -35,6 +35,7 @@ from dataclasses import dataclass
 import torch
 from transformers.cache_utils import Cache, CacheLayerMixin, DynamicLayer
 
+from specdec.draft_length import DepthSignal, DraftLengthPolicy, StopReason
 from specdec.errors import IncompatibleModelsError, InvalidInputError
 from specdec.runner import CausalLMRunner, cache_argument, text_config, within_window
 from specdec.sampling import SamplingConfig, drafter_logits, seen_mask
@@ -233,6 +234,7 @@ class DraftChain:
     tokens: torch.Tensor  # LongTensor [D] the top-1 token at each depth (the chain)
     top_probs: torch.Tensor  # FloatTensor [D, c] probabilities of the c most likely tokens at each depth, descending
     top_ids: torch.Tensor  # LongTensor [D, c] their ids (column 0 == tokens)
+    stop_reason: StopReason = StopReason.MAX_DEPTH  # why drafting stopped at depth D
 
     @property
     def depth(self) -> int:
@@ -240,10 +242,11 @@ class DraftChain:
 
 
 def draft_chain(runner: LayerSkipRunner, plan: SkipPlan, target: CausalLMRunner, sequence: torch.Tensor,
-                sampling: SamplingConfig, max_depth: int, stop_threshold: float, top_c: int = 1) -> DraftChain:
+                sampling: SamplingConfig, max_depth: int, policy: DraftLengthPolicy, top_c: int = 1) -> DraftChain:
     """Draft up to ``max_depth`` top-1 tokens below the root ``sequence[-1]`` with the partial target, one pass per
-    token on a fresh ``DraftKV`` over the whole target cache; stop after the first token whose top-1 probability is
-    below ``stop_threshold`` (that token is kept: it is still the best guess). One host sync per depth."""
+    token on a fresh ``DraftKV`` over the whole target cache; stop after the first token at which the length
+    ``policy`` says so (SWIFT's and DEL's ``stop_threshold``: a top-1 probability below it; that token is kept: it
+    is still the best guess). One host sync per depth."""
     dev = target.device
     sequence = sequence.to(dev)
     kv = runner.new_kv(target)
@@ -251,6 +254,7 @@ def draft_chain(runner: LayerSkipRunner, plan: SkipPlan, target: CausalLMRunner,
     seen = seen_mask(sequence, runner.lm_head.out_features) if sampling.penalizes_repetition else None  # [1, V]
     token = sequence[-1:]
     probs_rows, id_rows = [], []
+    path_prob, reason = 1.0, StopReason.MAX_DEPTH
     for d in range(max_depth):
         logits = runner.forward(plan, token, torch.tensor([target.length + d], device=dev), kv)  # [1, V]
         probs = drafter_logits(logits, sampling, seen).softmax(dim=-1)  # [1, V]
@@ -260,7 +264,11 @@ def draft_chain(runner: LayerSkipRunner, plan: SkipPlan, target: CausalLMRunner,
         token = top_i[:, 0]
         if seen is not None:
             seen[0, token] = True  # the next depth's logits follow this token too, as the target's per-slot penalty
-        if float(top_p[0, 0]) < stop_threshold:
+        token_prob = float(top_p[0, 0])
+        path_prob *= token_prob
+        stop = policy.stop(DepthSignal(d + 1, path_prob, token_prob)) if d + 1 < max_depth else None
+        if stop is not None:
+            reason = stop
             break
     top_probs, top_ids = torch.cat(probs_rows), torch.cat(id_rows)  # [D, c]
-    return DraftChain(top_ids[:, 0], top_probs, top_ids)
+    return DraftChain(top_ids[:, 0], top_probs, top_ids, reason)

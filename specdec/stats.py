@@ -24,6 +24,7 @@ class DecodingStats:
     draft_depths: list[int] = field(default_factory=list)  # depth of the verified tree per step
     tree_sizes: list[int] = field(default_factory=list)  # draft nodes verified per step
     tree_budgets: list[int] = field(default_factory=list)  # node budget the drafter chose per step (if it sizes trees)
+    stop_reasons: dict[str, int] = field(default_factory=dict)  # why sequential drafters stopped: reason -> steps
     target_forwards: int = 0  # verification forwards (prefill excluded)
     draft_forwards: int = 0  # drafter model forwards (0 for model-free drafters)
     prefill_time: float = 0.0  # seconds
@@ -54,6 +55,7 @@ class DecodingStats:
             "draft_depths": list(self.draft_depths),
             "tree_sizes": list(self.tree_sizes),
             "tree_budgets": list(self.tree_budgets),
+            "stop_reasons": dict(self.stop_reasons),
             "target_forwards": self.target_forwards,
             "draft_forwards": self.draft_forwards,
             "prefill_time": self.prefill_time,

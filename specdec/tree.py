@@ -35,12 +35,14 @@ class DraftTree:
     parents: LongTensor [n]   index of the parent node, -1 for the root; parents[i] < i
     draft_probs: optional FloatTensor [n, V]: the drafter's (warped) distribution q at each node's parent, the one the
                  node was proposed from; needed only by sampling verifiers.
+    stop_reason: why a sequential drafter stopped drafting deeper (specdec.draft_length.StopReason), for the stats.
     """
 
     tokens: torch.Tensor
     parents: torch.Tensor
     draft_probs: torch.Tensor | None = None
     proposal: ProposalKind = ProposalKind.POINT_MASS
+    stop_reason: str | None = None
     _cache: dict = field(default_factory=dict, repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -51,6 +53,10 @@ class DraftTree:
                 raise ValueError("draft tree nodes must be in topological order (-1 <= parents[i] < i)")
 
     # ------------------------------------------------------------------ construction
+    def with_stop_reason(self, reason: "str | None") -> "DraftTree":
+        """The same tree (tensors shared) carrying why its drafter stopped (specdec.draft_length)."""
+        return DraftTree(self.tokens, self.parents, self.draft_probs, self.proposal, reason)
+
     @staticmethod
     def empty(device: torch.device | str = "cpu") -> "DraftTree":
         z = torch.zeros(0, dtype=torch.long, device=device)
@@ -169,11 +175,11 @@ class DraftTree:
         if bool((new_par[par >= 0] < 0).any()):
             raise ValueError("pruning must keep every ancestor of a kept node")
         probs = None if self.draft_probs is None else self.draft_probs[kept]
-        return DraftTree(self.tokens[kept], new_par, probs, self.proposal), kept
+        return DraftTree(self.tokens[kept], new_par, probs, self.proposal, self.stop_reason), kept
 
     def to(self, device: torch.device | str) -> "DraftTree":
         """This tree on ``device``; the same object (with its built buffers) when it is already there."""
         if self.tokens.device == torch.device(device):
             return self
         probs = None if self.draft_probs is None else self.draft_probs.to(device)
-        return DraftTree(self.tokens.to(device), self.parents.to(device), probs, self.proposal)
+        return DraftTree(self.tokens.to(device), self.parents.to(device), probs, self.proposal, self.stop_reason)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from specdec.draft_length import ConfidenceThreshold, FixedLength, StopReason
 from specdec.errors import InvalidInputError
 from specdec.layer_skip import LayerSkipRunner, SkipPlan, draft_chain
 from specdec.runner import CausalLMRunner
@@ -126,7 +127,7 @@ def test_draft_chain_without_skips_is_the_greedy_continuation(arch):
     prompt = tiny_prompt()[0]
     first = target.model(input_ids=prompt[None]).logits[0, -1].argmax()[None]
     chain = draft_chain(LayerSkipRunner(model), SkipPlan(), target, torch.cat([prompt, first]), SamplingConfig(),
-                        max_depth=6, stop_threshold=0.0, top_c=3)
+                        max_depth=6, policy=FixedLength(), top_c=3)
     expected = greedy_reference(model, prompt[None], 7)[0, P + 1:]
     assert torch.equal(chain.tokens, expected)
     assert chain.top_ids.shape == (6, 3) and torch.equal(chain.top_ids[:, 0], chain.tokens)
@@ -137,12 +138,15 @@ def test_draft_chain_stops_after_the_first_unconfident_token():
     model, target = _prefilled("llama")
     prompt = tiny_prompt()[0]
     seq = torch.cat([prompt, torch.tensor([7])])
-    full = draft_chain(LayerSkipRunner(model), SkipPlan(), target, seq, SamplingConfig(), 6, 0.0)
+    full = draft_chain(LayerSkipRunner(model), SkipPlan(), target, seq, SamplingConfig(), 6, FixedLength())
+    assert full.depth == 6 and full.stop_reason == StopReason.MAX_DEPTH
     p1 = full.top_probs[:, 0]
     threshold = float(p1.max())  # only the most confident depth passes it
     first_below = int(torch.nonzero(p1 < threshold)[0])
-    cut = draft_chain(LayerSkipRunner(model), SkipPlan(), target, seq, SamplingConfig(), 6, threshold)
+    cut = draft_chain(LayerSkipRunner(model), SkipPlan(), target, seq, SamplingConfig(), 6,
+                      ConfidenceThreshold(threshold, on="token"))
     assert torch.equal(cut.tokens, full.tokens[:first_below + 1])
+    assert cut.stop_reason == (StopReason.LOW_CONFIDENCE if first_below < 5 else StopReason.MAX_DEPTH)
 
 
 @pytest.mark.parametrize("plan,message", [

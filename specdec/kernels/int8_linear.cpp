@@ -32,8 +32,8 @@ template <int T>
 void tile(const Args& p, int64_t jb, int64_t t0, int tn) {
   const int64_t kpairs = p.K / 2;
   const int8_t* wb = p.w + jb * kpairs * 32;
-  const int32_t* rows[T];
-  for (int t = 0; t < T; ++t) rows[t] = reinterpret_cast<const int32_t*>(p.x + (t0 + std::min(t, tn - 1)) * p.K);
+  const specdec::TileRows<T> tile(p.x, p.K * static_cast<int64_t>(sizeof(at::BFloat16)), t0, tn);
+  const auto& rows = tile.act;  // bf16 pairs
   __m512 acc[T];
   for (int t = 0; t < T; ++t) acc[t] = _mm512_setzero_ps();
   for (int64_t kp = 0; kp < kpairs; ++kp) {

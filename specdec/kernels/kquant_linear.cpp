@@ -34,8 +34,7 @@ void quantize_activations(const at::BFloat16* x, int64_t n, int64_t K, int8_t* a
       const uint16_t* xr = reinterpret_cast<const uint16_t*>(x + t * K + b * QK);
       __m512 amax = _mm512_setzero_ps();
       for (int64_t c = 0; c < QK; c += 16) {
-        const __m512 f = _mm512_castsi512_ps(_mm512_slli_epi32(
-            _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(xr + c))), 16));
+        const __m512 f = specdec::load_bf16x16(xr + c);
         _mm512_storeu_ps(v + c, f);
         amax = _mm512_max_ps(amax, _mm512_abs_ps(f));
       }
@@ -77,24 +76,11 @@ inline __m512i signed16(const uint8_t* p) {  // 16 int8 -> int32
   return _mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
 }
 
-// The tokens of a tile's T slots (unused slots repeat the last real token): their rows and int8 activations.
-template <int T>
-struct TileRows {
-  int64_t rows[T];
-  const int32_t* act[T];  // four activation bytes per int32, broadcast as one VPDPBUSD operand
-  TileRows(const Args& p, int64_t t0, int tn) {
-    for (int t = 0; t < T; ++t) {
-      rows[t] = t0 + std::min(t, tn - 1);
-      act[t] = reinterpret_cast<const int32_t*>(p.a + rows[t] * p.K);
-    }
-  }
-};
-
 template <int T>
 void tile_q4_k(const Args& p, int64_t jb, int64_t t0, int tn) {
   const int64_t blocks = p.K / QK;
   const __m512i low4 = _mm512_set1_epi8(0x0F);
-  const TileRows<T> tile(p, t0, tn);
+  const specdec::TileRows<T> tile(p.a, p.K, t0, tn);
   const auto& rows = tile.rows;
   const auto& act = tile.act;
   __m512 acc[T];
@@ -142,7 +128,7 @@ template <int T>
 void tile_q6_k(const Args& p, int64_t jb, int64_t t0, int tn) {
   const int64_t blocks = p.K / QK;
   const __m512i low4 = _mm512_set1_epi8(0x0F), high2 = _mm512_set1_epi8(0x30);
-  const TileRows<T> tile(p, t0, tn);
+  const specdec::TileRows<T> tile(p.a, p.K, t0, tn);
   const auto& rows = tile.rows;
   const auto& act = tile.act;
   __m512 acc[T];

@@ -39,6 +39,7 @@ class KQuantLinear(torch.nn.Module):
         if qtype not in NAMES:
             raise ValueError(f"KQuantLinear runs Q4_K or Q6_K weights, not GGML type {qtype}")
         self.in_features, self.out_features = in_features, out_features
+        self.qtype_id = int(qtype)  # a Python int for the hot path (the buffer is for the saved state)
         self.register_buffer("qtype", torch.tensor(qtype, dtype=torch.int64), persistent=True)
         for name, value in (("qs", qs), ("sc", sc), ("mins", mins), ("d", d), ("dmin", dmin)):
             self.register_buffer(name, value, persistent=True)
@@ -60,11 +61,11 @@ class KQuantLinear(torch.nn.Module):
 
     @property
     def format(self) -> str:
-        return NAMES[int(self.qtype)]
+        return NAMES[self.qtype_id]
 
     def dequantized(self, dtype=torch.float32) -> torch.Tensor:
         """The ``[out_features, in_features]`` weights the blocks encode (tests, the fallback; never the hot path)."""
-        return dequantize_fields(unpack_packed(self), int(self.qtype))[:self.out_features].to(dtype)
+        return dequantize_fields(unpack_packed(self), self.qtype_id)[:self.out_features].to(dtype)
 
     @property
     def weight(self) -> torch.Tensor:
@@ -76,7 +77,7 @@ class KQuantLinear(torch.nn.Module):
         flat = x.reshape(-1, shape[-1])
         kernel = cpu_kernels() if x.device.type == "cpu" and x.dtype == torch.bfloat16 else None
         if kernel is not None:
-            y = kernel.kquant_linear(flat.contiguous(), int(self.qtype), self.qs, self.sc, self.mins, self.d,
+            y = kernel.kquant_linear(flat.contiguous(), self.qtype_id, self.qs, self.sc, self.mins, self.d,
                                      self.dmin, self.bias)
         else:
             y = self._fallback(flat)

@@ -8,6 +8,26 @@
 
 namespace specdec {
 
+// 16 bf16 values (the first ones under ``mask``, zeros elsewhere) as fp32: a bf16 is the top half of an fp32.
+inline __m512 load_bf16x16(const uint16_t* p, __mmask16 mask = 0xFFFF) {
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(mask, p)), 16));
+}
+
+// The tokens of a tile's T slots (unused slots repeat the last real token, so a tile of tn < T tokens computes
+// nothing new): each slot's row index and its activations, read 4 bytes at a time (a bf16 pair or an int8 quad,
+// broadcast as one dot-product operand). ``base`` points at row 0, rows are ``row_bytes`` apart.
+template <int T>
+struct TileRows {
+  int64_t rows[T];
+  const int32_t* act[T];
+  TileRows(const void* base, int64_t row_bytes, int64_t t0, int tn) {
+    for (int t = 0; t < T; ++t) {
+      rows[t] = t0 + std::min(t, tn - 1);
+      act[t] = reinterpret_cast<const int32_t*>(static_cast<const char*>(base) + rows[t] * row_bytes);
+    }
+  }
+};
+
 // y[t0 + t, jb*16 .. jb*16+15] = bf16(acc[t] * scale + bias) for t < tn (scale and bias may be null: 1 and 0).
 inline void store_block(const __m512* acc, int tn, const float* scale, const float* bias, at::BFloat16* y,
                         int64_t N, int64_t jb, int64_t t0) {

@@ -26,14 +26,8 @@ void quantize_activations(const at::BFloat16* x, int64_t n, int64_t K, int64_t K
       __m512 amax = _mm512_setzero_ps();
       for (int64_t c = 0; c < BLOCK; c += 16) {
         const int64_t k = b * BLOCK + c;
-        __m512 f;
-        if (k + 16 <= K) {
-          f = _mm512_castsi512_ps(_mm512_slli_epi32(
-              _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(xr + k))), 16));
-        } else {
-          const __mmask16 m = k < K ? static_cast<__mmask16>((1u << (K - k)) - 1) : 0;
-          f = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(m, xr + k)), 16));
-        }
+        const __mmask16 m = k + 16 <= K ? 0xFFFF : k < K ? static_cast<__mmask16>((1u << (K - k)) - 1) : 0;
+        const __m512 f = specdec::load_bf16x16(xr + k, m);
         _mm512_storeu_ps(v + c, f);
         amax = _mm512_max_ps(amax, _mm512_abs_ps(f));
       }
@@ -67,13 +61,10 @@ void tile(const Args& p, int64_t jb, int64_t t0, int tn) {
   const int64_t quads = p.Kp / 4, blocks = p.Kp / BLOCK, per_block = BLOCK / 4;
   const int8_t* wb = p.w + jb * quads * 64;
   const int32_t* ws = p.wsum + jb * blocks * 16;
-  const int32_t* rows[T];
+  const specdec::TileRows<T> tile(p.a, p.Kp, t0, tn);
+  const auto& rows = tile.act;
   const float* row_scales[T];
-  for (int t = 0; t < T; ++t) {
-    const int64_t r = t0 + std::min(t, tn - 1);
-    rows[t] = reinterpret_cast<const int32_t*>(p.a + r * p.Kp);
-    row_scales[t] = p.s + r * blocks;
-  }
+  for (int t = 0; t < T; ++t) row_scales[t] = p.s + tile.rows[t] * blocks;
   __m512 acc[T];
   for (int t = 0; t < T; ++t) acc[t] = _mm512_setzero_ps();
   for (int64_t b = 0; b < blocks; ++b) {

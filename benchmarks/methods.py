@@ -109,8 +109,8 @@ BASELINES = ("plain", "hf-assisted", "hf-prompt-lookup", "llama-cpp", "llama-cpp
 
 def build_method(spec: dict, target, draft=None, sampling: Sampling = Sampling(), gguf: str | None = None,
                  threads: int | None = None) -> Method:
-    """One method from a preset entry: ``{name, drafter | baseline, options, verifier}``; the llama-cpp baselines
-    run ``gguf`` (the GGUF file the target was converted from) on ``threads`` threads."""
+    """One method from a preset entry: ``{name, drafter | baseline, options, verifier, overlap}``; the llama-cpp
+    baselines run ``gguf`` (the GGUF file the target was converted from) on ``threads`` threads."""
     name = spec["name"]
     options = dict(spec.get("options") or {})
     baseline = spec.get("baseline")
@@ -139,7 +139,7 @@ def build_method(spec: dict, target, draft=None, sampling: Sampling = Sampling()
         options["model"] = draft
     drafter = create_drafter(drafter_name, target=target, **options)
     verifier = spec.get("verifier") or ("rejection" if sampling.do_sample else "greedy")
-    return SpecDecMethod(name, SpecEngine(target, drafter, verifier), sampling)
+    return SpecDecMethod(name, SpecEngine(target, drafter, verifier, overlap=bool(spec.get("overlap"))), sampling)
 
 
 def _first(eos):

@@ -125,7 +125,6 @@ class AdedDrafter(Drafter):
     def propose(self, state: DecodeState) -> DraftTree:
         seq = state.sequence[0]
         dev = seq.device
-        self._proposed = None
         if state.remaining < 2 or seq.numel() < 2:
             self.tree_budget = 0
             return DraftTree.empty(dev)
@@ -155,15 +154,15 @@ class AdedDrafter(Drafter):
         pool = DraftTree(torch.tensor(cands.tokens, dtype=torch.long), torch.tensor(cands.parents, dtype=torch.long))
         keep = best_nodes(values, pool.parents, self.costs, self._draft_seconds)  # [k]
         self.tree_budget = keep.numel()
-        self._proposed = (np.asarray(cands.values)[keep.numpy()], depths[keep.numpy()])
         mask = torch.zeros(len(cands), dtype=torch.bool)
         mask[keep] = True
-        return pool.prune(mask)[0].to(dev)
+        memo = (np.asarray(cands.values)[keep.numpy()], depths[keep.numpy()])  # node values and depths, for observe
+        return pool.prune(mask)[0].with_memo(memo).to(dev)
 
     def observe(self, state: DecodeState, outcome: StepOutcome) -> None:
-        if self._proposed is None:
+        if outcome.tree.memo is None:  # not an auto-sized tree
             return
-        values, depths = self._proposed
+        values, depths = outcome.tree.memo
         accepted = outcome.result.num_accepted  # accepted nodes lie at depths 1..accepted
         self._accepted *= CALIBRATION_DECAY
         self._predicted *= CALIBRATION_DECAY

@@ -246,6 +246,18 @@ class _Fed:
         return _Fed(z, torch.zeros(0, 0, dtype=torch.bool, device=device), z.clone())
 
 
+@dataclass(frozen=True)
+class _Proposal:
+    """What observe needs about one proposal (its DraftTree.memo)."""
+
+    tree_base: int  # draft-cache length before the proposal's nodes (the root sits at slot tree_base - 1)
+    chosen: torch.Tensor  # LongTensor [n]: pool index of each node of the proposed tree
+    fed_slots: torch.Tensor  # LongTensor [pool]: cache slot (relative to tree_base) of each pool node, -1 if not fed
+    pool_tokens: torch.Tensor  # LongTensor [pool]
+    predicted: float | None  # tokens an auto-sized tree predicted (sum of its node values); None: fixed budget
+    cache_version: int  # the drafter's cache version when the proposal was made
+
+
 @register_drafter
 class DraftModelDrafter(Drafter):
     name = "draft-model"
@@ -263,29 +275,29 @@ class DraftModelDrafter(Drafter):
                 f"draft model vocabulary ({draft_vocab} tokens) differs from the target's ({target_vocab}); "
                 "the draft model must share the target's tokenizer")
         self.runner = CausalLMRunner(_prepare(model, self.config))
-        self.cached = torch.zeros(0, dtype=torch.long)  # token ids in the draft cache, slot by slot
-        self._fed_slots = torch.zeros(0, dtype=torch.long)  # cache slot (relative to tree_base) of each pool node
-        self._tree_base: int | None = 0  # draft-cache length before the current tree (None: nothing fed)
-        self._chosen = torch.zeros(0, dtype=torch.long)  # pool index of each node of the proposed tree
-        self._costs = None  # the target's measured forward costs (budget="auto"), measured on first use
+        self.cached = torch.zeros(0, dtype=torch.long)  # token ids of the draft cache's slots (a prefix of them
+        #                                                 when the newest proposal left tree branches behind)
+        self._cache_version = 0  # bumped by every proposal: observe commits only the cache its proposal left
+        self._costs = None  # the target's measured forward costs (budget="auto"), measured in begin()
         self._calibration = 1.0  # running (accepted tokens) / (predicted tokens) of the draft's path probabilities
-        self._predicted = 0.0  # value the last auto-sized tree predicted (sum of its node values)
         self.length_policy = create_length_policy(self.config.length_policy, self.config.min_prob, on="path")
 
     # ------------------------------------------------------------------ engine hooks
     def begin(self, state: DecodeState) -> None:
         self.runner.reset()
         self.cached = torch.zeros(0, dtype=torch.long)
+        if self._costs is None and self.config.budget == "auto" and self.config.mode == "tree":
+            self._costs = forward_costs(self.target_model)  # here, not mid-proposal: a proposal may run beside
+            #                                                 the target's forward (overlap mode)
 
     def propose(self, state: DecodeState) -> DraftTree:
         topk, width, budget = self.config.shape()
         depth = min(self.config.depth, state.remaining - 1)
         if depth < 1:
-            self._tree_base = None  # nothing read this step: observe leaves the draft cache alone
-            return DraftTree.empty(state.sequence.device)
+            return DraftTree.empty(state.sequence.device)  # no memo: nothing read, observe leaves the cache alone
         t_start = time.perf_counter()
-        root_logits = self._sync(state.sequence[0].cpu())
-        self._tree_base = self.runner.length  # the root sits at slot tree_base - 1
+        root_logits = self._sync(state.transfer(state.sequence[0], "cpu"), state)
+        self._cache_version += 1
         if state.sampling.do_sample and self.config.sample_tree != "topk":
             return self._propose_sampled(state, root_logits, depth, t_start)
         dev = self.runner.device
@@ -314,9 +326,9 @@ class DraftModelDrafter(Drafter):
 
         # Keep the best `budget` nodes; a stable sort puts a parent before an equally scored child.
         order = torch.sort(scores, descending=True, stable=True).indices
-        budget = self._auto_budget(scores[order], budget, t_start)
+        budget, predicted = self._auto_budget(scores[order], budget, t_start)
         chosen = order[:budget].sort().values  # creation order is topological
-        return self._finish(state, fed, tokens, parents, chosen, stop_reason=reason)
+        return self._finish(state, fed, tokens, parents, chosen, predicted, stop_reason=reason)
 
     @staticmethod
     def _signal(drafted: int, scores: torch.Tensor, parents: torch.Tensor, level: torch.Tensor) -> DepthSignal:
@@ -344,25 +356,26 @@ class DraftModelDrafter(Drafter):
         root_log_q = self._log_q(root_logits[None], state)[0]  # [V]
         pool = grow_sampled_pool(root_log_q, expand, depth, topk, width, kind, state.generator)
         order = sampled_order(pool)  # whole sibling groups by their parent's score, the last one cut by draw rank
+        predicted = None
         if self.config.budget == "auto" and self.config.mode == "tree":
-            budget = self._auto_budget(pool.scores[order], budget, t_start)
+            budget, predicted = self._auto_budget(pool.scores[order], budget, t_start)
         chosen = order[:budget].sort().values  # creation order: parents first, siblings in draw order
-        return self._finish(state, fed, pool.tokens, pool.parents, chosen, pool.q_at(chosen), kind,
+        return self._finish(state, fed, pool.tokens, pool.parents, chosen, predicted, pool.q_at(chosen), kind,
                             StopReason.MAX_DEPTH)
 
-    def _auto_budget(self, ordered_scores: torch.Tensor, budget: int, t_start: float) -> int:
+    def _auto_budget(self, ordered_scores: torch.Tensor, budget: int, t_start: float) -> tuple[int, float | None]:
         """``budget`` unless it is "auto": then the node count (<= max_budget) that maximises expected tokens per
-        second, from node values exp(score) * calibration in the given (ancestor-closed, best-first) order."""
+        second, from node values exp(score) * calibration in the given (ancestor-closed, best-first) order; and the
+        tokens that count predicts (None for a fixed budget)."""
         if self.config.budget != "auto" or self.config.mode == "chain":
             self.tree_budget = None
-            return budget
+            return budget, None
         if self._costs is None:
             self._costs = forward_costs(self.target_model)
         values = (ordered_scores.float().exp() * self._calibration).clamp(max=1.0)
         k = choose_budget(values, self._costs, time.perf_counter() - t_start, budget)
-        self._predicted = float(values[:k].sum())
         self.tree_budget = k
-        return k
+        return k, float(values[:k].sum())
 
     def _feed(self, fed: "_Fed", tokens: torch.Tensor, parents: torch.Tensor, expand: torch.Tensor, d: int,
               track_paths: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -376,8 +389,9 @@ class DraftModelDrafter(Drafter):
             rows = fed.anc[fed.slot[parents[expand]].clamp(min=0)] & (parents[expand] >= 0)[:, None]
         new_rows = torch.cat([rows, torch.eye(w, dtype=torch.bool, device=dev)], dim=1)  # [w, f + w]
         fed.anc = torch.cat([torch.cat([fed.anc, torch.zeros(f, w, dtype=torch.bool, device=dev)], 1), new_rows], 0)
-        mask = torch.cat([torch.ones(w, self._tree_base, dtype=torch.bool, device=dev), new_rows], dim=1)
-        positions = torch.full((w,), self._tree_base - 2 + d, dtype=torch.long, device=dev)
+        base = self.runner.length - f  # draft-cache length before this proposal's nodes (the root at base - 1)
+        mask = torch.cat([torch.ones(w, base, dtype=torch.bool, device=dev), new_rows], dim=1)
+        positions = torch.full((w,), base - 2 + d, dtype=torch.long, device=dev)
         out = self.runner.forward(tokens[expand], positions, mask)
         self.forward_count += 1
         fed.slot = torch.cat([fed.slot, torch.full((tokens.numel() - fed.slot.numel(),), -1, dtype=torch.long,
@@ -389,20 +403,23 @@ class DraftModelDrafter(Drafter):
         return out.logits, torch.where(new_rows, fed.tokens[None, :], -1)
 
     def _finish(self, state: DecodeState, fed: "_Fed", tokens: torch.Tensor, parents: torch.Tensor,
-                chosen: torch.Tensor, draft_probs: torch.Tensor | None = None,
+                chosen: torch.Tensor, predicted: float | None, draft_probs: torch.Tensor | None = None,
                 kind: ProposalKind = ProposalKind.POINT_MASS, stop_reason: StopReason | None = None) -> DraftTree:
-        """The tree of pool nodes ``chosen`` (increasing, ancestor-closed); remembers the pool for ``observe``."""
+        """The tree of pool nodes ``chosen`` (increasing, ancestor-closed), carrying the pool for ``observe``."""
         dev = self.runner.device
         remap = torch.full((tokens.numel(),), -1, dtype=torch.long, device=dev)
         remap[chosen] = torch.arange(chosen.numel(), device=dev)
         chosen_parents = parents[chosen]
         new_parents = torch.where(chosen_parents >= 0, remap[chosen_parents.clamp(min=0)], chosen_parents)
-        self._chosen = chosen
-        self._fed_slots = torch.cat([fed.slot, torch.full((tokens.numel() - fed.slot.numel(),), -1,
-                                                          dtype=torch.long, device=dev)])
-        self._pool_tokens = tokens
-        tree = DraftTree(tokens[chosen], new_parents, draft_probs, kind, stop_reason)
-        return tree.to(state.sequence.device)
+        fed_slots = torch.cat([fed.slot, torch.full((tokens.numel() - fed.slot.numel(),), -1, dtype=torch.long,
+                                                    device=dev)])
+        f = fed.anc.shape[0]
+        tree_base = self.runner.length - f
+        if f and bool(fed.anc.tril().all()):  # the fed nodes are one path below the root (a chain): the cache holds
+            fed_pool = torch.nonzero(fed_slots >= 0).flatten()  # a sequence, kept by the next _sync if it matches
+            self.cached = torch.cat([self.cached, tokens[fed_pool[fed_slots[fed_pool].argsort()]].cpu()])
+        memo = _Proposal(tree_base, chosen, fed_slots, tokens, predicted, self._cache_version)
+        return DraftTree(tokens[chosen], new_parents, draft_probs, kind, stop_reason, memo)  # the engine moves it
 
     def _log_q(self, logits: torch.Tensor, state: DecodeState, paths: torch.Tensor | None = None) -> torch.Tensor:
         """FloatTensor [m, V]: log of the draft distribution after each row of ``logits`` [m, V], through the same
@@ -410,44 +427,53 @@ class DraftModelDrafter(Drafter):
         sampling = state.sampling
         seen = None
         if sampling.penalizes_repetition:
-            seen = seen_mask(state.sequence[0].to(logits.device), logits.shape[-1], paths, rows=logits.shape[0])
+            seen = seen_mask(state.transfer(state.sequence[0], logits.device), logits.shape[-1], paths,
+                             rows=logits.shape[0])
         return torch.log_softmax(drafter_logits(logits, sampling, seen), dim=-1)
 
     def observe(self, state: DecodeState, outcome: StepOutcome) -> None:
-        """Keep the accepted nodes the draft model already processed; the next _sync feeds the rest."""
-        if self.runner.length == 0:
+        """Learn from the step; keep the accepted nodes the draft model already processed (the next _sync feeds the
+        rest) if the cache is still the one this proposal left."""
+        memo: _Proposal | None = outcome.tree.memo
+        if memo is None or self.runner.length == 0:
+            return
+        accepted = outcome.result.num_accepted
+        if memo.predicted is not None:  # auto budget: about the last ten steps (specdec.budget); no nodes, no
+            #                             evidence: the calibration relaxes toward 1
+            self._calibration = update_calibration(self._calibration, accepted if outcome.tree.size else 0,
+                                                   memo.predicted if outcome.tree.size else 0.0)
+        if outcome.tree.size:
+            self.length_policy.observe(outcome.tree.max_depth, accepted)
+        if memo.cache_version != self._cache_version:  # a later proposal drafted ahead: _sync reconciles the cache
             return
         if outcome.tree.size == 0:  # an auto budget may keep no node of a pool the draft model already read
-            if self._tree_base is not None:
-                self.runner.crop(self._tree_base)
-            if self.tree_budget is not None:  # no evidence: the calibration relaxes toward 1 (specdec.budget)
-                self._calibration = update_calibration(self._calibration, 0, 0.0)
+            self.runner.crop(memo.tree_base)
+            self.cached = self.cached[: memo.tree_base]
             return
-        if self.tree_budget is not None:  # auto budget: about the last ten steps (specdec.budget)
-            self._calibration = update_calibration(self._calibration, outcome.result.num_accepted, self._predicted)
-        self.length_policy.observe(outcome.tree.max_depth, outcome.result.num_accepted)
-        accepted_pool = self._chosen[outcome.result.accepted_nodes.to(self._chosen.device)]
-        slots = self._fed_slots[accepted_pool]
+        accepted_pool = memo.chosen[outcome.result.accepted_nodes.to(memo.chosen.device)]
+        slots = memo.fed_slots[accepted_pool]
         in_sequence = min(int((slots >= 0).sum()), outcome.emitted.numel())  # fed nodes form a prefix of the path
         slots = slots[:in_sequence]  # and stopping rules may have cut the emitted tokens
-        self.runner.commit(self._tree_base, slots)
-        kept_tokens = self._pool_tokens[accepted_pool[: slots.numel()]].cpu()  # what the draft cache really holds
-        self.cached = torch.cat([self.cached[: self._tree_base], kept_tokens])
+        self.runner.commit(memo.tree_base, slots)
+        kept_tokens = memo.pool_tokens[accepted_pool[: slots.numel()]].cpu()  # what the draft cache really holds
+        self.cached = torch.cat([self.cached[: memo.tree_base], kept_tokens])
 
     # ------------------------------------------------------------------ cache sync
-    def _sync(self, sequence: torch.Tensor) -> torch.Tensor:
-        """Bring the draft cache to ``sequence`` (1-D, CPU) and return the logits after its last token."""
+    def _sync(self, sequence: torch.Tensor, state: DecodeState) -> torch.Tensor:
+        """Bring the draft cache to ``sequence`` (1-D, CPU) and return the logits after its last token; what it
+        feeds crosses to the draft model's device through ``state.transfer`` (timed)."""
         n = min(self.cached.numel(), sequence.numel() - 1)  # always feed at least the root
         same = (self.cached[:n] == sequence[:n]).long()
         common = int(same.cumprod(0).sum()) if n else 0
+        dev = self.runner.device
         if common == 0:
-            out = self.runner.prefill(sequence[None].to(self.runner.device))
+            out = self.runner.prefill(state.transfer(sequence[None], dev))
         else:
             self.runner.crop(common)
-            pending = sequence[common:]
+            pending = state.transfer(sequence[common:], dev)
             k = pending.numel()
-            positions = torch.arange(common, common + k)
-            causal = torch.ones(k, k, dtype=torch.bool).tril_()
+            positions = torch.arange(common, common + k, device=dev)
+            causal = torch.ones(k, k, dtype=torch.bool, device=dev).tril_()
             out = self.runner.forward(pending, positions, causal, logits_to_keep=1)
         self.forward_count += 1
         self.cached = sequence.clone()

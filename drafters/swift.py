@@ -105,6 +105,7 @@ class SwiftConfig:
 @register_drafter
 class SwiftDrafter(Drafter):
     name = "swift"
+    can_draft_ahead = False  # drafts on the target's own KV cache, which the target's forward is extending
 
     def __init__(self, target: torch.nn.Module, config: SwiftConfig | None = None, **options):
         super().__init__(target)

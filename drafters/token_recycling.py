@@ -138,13 +138,10 @@ class TokenRecyclingDrafter(Drafter):
         self.from_context = torch.zeros_like(self.written)  # BoolTensor [V]: rows seeded from the prompt
         self.estimates = self.prior.clone()  # FloatTensor [N] (float64, CPU): P(template node on the emitted path)
         self.lookup_estimates = self.lookup_prior.clone()  # [G, D]: P(chain prefix of depth d emitted | n-gram n)
-        self._last: tuple | None = None  # root, pool tokens, usable pool nodes, n-gram size of the lookup chain
-        self._propose_seconds = 0.0
 
     def begin(self, state: DecodeState) -> None:
         if not self.config.hot_start:
             self._reset()
-        self._last = None
         if self.config.context_rows:
             self._seed_from_context(state.sequence[0].to(self.matrix.device))
 
@@ -192,9 +189,8 @@ class TokenRecyclingDrafter(Drafter):
         tree = DraftTree.from_paths([p[:d] for p, d in zip(paths, self._pool_depths[keep].tolist())], device=dev)
 
         self.tree_budget = tree.size  # the kept nodes, less chain nodes that share a template node's slot
-        self._last = (root, pool_tokens, pool_valid, ngram)
-        self._propose_seconds = time.perf_counter() - t0
-        return tree
+        # memo for observe: root, pool tokens, usable pool nodes, n-gram size of the lookup chain, seconds spent
+        return tree.with_memo((root, pool_tokens, pool_valid, ngram, time.perf_counter() - t0))
 
     def _path_tokens(self, pool_tokens: torch.Tensor) -> torch.Tensor:
         """LongTensor [N+D, W]: the tokens on the path to each pool node (depth 1 first), -1 past its depth."""
@@ -224,23 +220,24 @@ class TokenRecyclingDrafter(Drafter):
     # ------------------------------------------------------------------ learning
     def observe(self, state: DecodeState, outcome: StepOutcome) -> None:
         t0 = time.perf_counter()
-        if self._last is None:
+        if outcome.tree.memo is None:
             return
-        root, pool_tokens, pool_valid, ngram = self._last
+        root, pool_tokens, pool_valid, ngram, propose_seconds = outcome.tree.memo
         n = outcome.tree.size
         assert outcome.target_logits.shape[0] >= n + 1, "target_logits must cover [root, nodes]"
         slot_tokens = torch.cat([root, outcome.tree.tokens.to(root.device)])  # [n+1]
         top = outcome.target_logits[:n + 1].topk(self.config.k, dim=-1).indices.to(root.device)  # [n+1, k]
-        # A token in several slots: every one of them writes the candidates of its last slot (last write wins,
-        # and index_put never sees conflicting values for one row).
-        same = slot_tokens[:, None] == slot_tokens[None, :]  # [n+1, n+1]
+        scored = outcome.scored_slots().to(root.device)  # overlap mode: a rejected sibling's row was never computed
+        # A token in several slots: every one of them writes the candidates of its last scored slot (last write
+        # wins, and index_put never sees conflicting values for one row).
+        same = (slot_tokens[:, None] == slot_tokens[None, :]) & scored[None, :]  # [n+1, n+1]
         last = (same * torch.arange(n + 1, device=root.device)).amax(dim=1)  # [n+1]
-        self.matrix[slot_tokens] = top[last]
-        self.written[slot_tokens] = True
-        self.from_context[slot_tokens] = False
+        rows = slot_tokens[scored]
+        self.matrix[rows] = top[last[scored]]
+        self.written[rows] = True
+        self.from_context[rows] = False
         self._update_estimates(pool_tokens, pool_valid, ngram, outcome.result.tokens.cpu())
-        self._last = None
-        spent = self._propose_seconds + time.perf_counter() - t0
+        spent = propose_seconds + time.perf_counter() - t0
         self.draft_seconds = spent if self.draft_seconds == 0.0 else 0.9 * self.draft_seconds + 0.1 * spent
 
     def _update_estimates(self, pool_tokens: torch.Tensor, usable: torch.Tensor, ngram: int,

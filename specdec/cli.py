@@ -9,7 +9,7 @@ import argparse
 import sys
 import time
 
-from specdec.errors import SpecDecError, UnknownNameError
+from specdec.errors import InvalidInputError, SpecDecError, UnknownNameError
 from specdec.presets import available_presets, load_preset
 
 
@@ -25,6 +25,14 @@ def _common(p: argparse.ArgumentParser) -> None:
                         "bf16 activations), w8a8 (int8 weights and activations) or gguf (the GGUF file's own Q4_K / Q6_K "
                         "tensors, as llama.cpp runs them), on native CPU kernels (docs/cpu-fast-path.md)")
     p.add_argument("--threads", type=int, help="torch CPU threads")
+    p.add_argument("--draft-device", dest="draft_device",
+                   help="device of the draft model (e.g. cuda): tokens and drafts cross between it and the target's")
+    p.add_argument("--device-map", dest="device_map",
+                   help="place the target with accelerate: 'auto' or a JSON object from module names to devices "
+                        "(\"cpu\", a GPU index, \"disk\"); dense weights only")
+    p.add_argument("--offload-folder", dest="offload_folder", help="folder for modules a --device-map puts on disk")
+    p.add_argument("--overlap", action="store_const", const=True,
+                   help="draft beside the target's forward (PEARL; docs/overlap.md), for every drafter entry")
     p.add_argument("--drafter", action="append", help="preset drafter entry or registered drafter (repeatable)")
     p.add_argument("--verifier", help="acceptance rule (default greedy)")
     p.add_argument("--max-new-tokens", type=int, dest="max_new_tokens")
@@ -90,6 +98,9 @@ def settings(args: argparse.Namespace) -> dict:
     cfg.setdefault("temperature", 1.0)
     cfg.setdefault("seed", 0)
     cfg["drafter_entries"] = select_drafters(cfg.get("drafters") or {}, args.drafter)
+    if cfg.get("overlap"):
+        for entry in cfg["drafter_entries"]:
+            entry["overlap"] = True
     return cfg
 
 
@@ -117,23 +128,41 @@ def load_models(cfg: dict):
 
     dtype = None if cfg["dtype"] == "auto" else getattr(torch, cfg["dtype"])  # None: native bf16, else fp32
     weights = cfg.get("weights", "dense")
-    target, tokenizer = _load(models, cfg["target"], dtype, weights=weights)
+    placement = {"device_map": device_map_of(cfg.get("device_map")), "offload_folder": cfg.get("offload_folder")}
+    target, tokenizer = _load(models, cfg["target"], dtype, weights=weights, **placement)
     cfg["dtype"] = str(target.dtype).removeprefix("torch.")  # what "auto" chose, for the report
     draft = None
     if cfg.get("draft"):  # it shares the target's tokenizer
-        draft, _ = _load(models, cfg["draft"], target.dtype, tokenizer=False, weights=weights)
+        draft, _ = _load(models, cfg["draft"], target.dtype, tokenizer=False, weights=weights,
+                         device=cfg.get("draft_device"))
     return target, draft, tokenizer
 
 
-def _load(models, name: str, dtype, tokenizer: bool = True, weights: str = "dense"):
+def device_map_of(value):
+    """A --device-map / preset value: None, "auto", or a dict (given as one or as a JSON object string)."""
+    import json
+
+    if value is None or isinstance(value, dict) or value == "auto":
+        return value
+    try:
+        parsed = json.loads(value)
+    except (TypeError, json.JSONDecodeError) as exc:
+        raise InvalidInputError(f"--device-map must be 'auto' or a JSON object such as "
+                                f"'{{\"model.layers.20\": \"disk\"}}', got {value!r}") from exc
+    if not isinstance(parsed, dict):
+        raise InvalidInputError(f"--device-map must be 'auto' or a JSON object, got {value!r}")
+    return parsed
+
+
+def _load(models, name: str, dtype, tokenizer: bool = True, weights: str = "dense", **placement):
     from pathlib import Path
 
     from specdec.memory import limit_heap_retention
 
     limit_heap_retention()  # freed loading temporaries and activations go back to the OS (peak RSS)
     if Path(name).is_dir():  # read, not memory-mapped (peak RSS)
-        return models.load_folder(name, dtype=dtype, tokenizer=tokenizer, weights=weights)
-    return models.load(name, dtype=dtype, tokenizer=tokenizer, weights=weights)
+        return models.load_folder(name, dtype=dtype, tokenizer=tokenizer, weights=weights, **placement)
+    return models.load(name, dtype=dtype, tokenizer=tokenizer, weights=weights, **placement)
 
 
 def _gguf_of(target: str):
@@ -189,7 +218,8 @@ def cmd_bench(cfg: dict, progress: bool) -> int:
     release_memory()
     print(format_table(summary))
     setup = {k: cfg.get(k) for k in ("target", "draft", "dtype", "weights", "threads", "max_new_tokens", "verifier",
-                                     "do_sample", "temperature", "top_k", "top_p", "seed")}
+                                     "do_sample", "temperature", "top_k", "top_p", "seed", "draft_device",
+                                     "device_map")}
     setup.update(prompts=len(selected), categories=sorted({p.main_category for p in selected}))
     out_dir = cfg.get("output") or "results/latest"
     for kind, path in write_outputs(out_dir, setup, summary, results).items():

@@ -15,6 +15,7 @@ import torch
 
 from specdec.drafters.base import Drafter
 from specdec.errors import IncompatibleModelsError, InvalidInputError
+from specdec.overlap import OverlapRounds, check_can_overlap, drafter_device, split_threads
 from specdec.runner import CausalLMRunner
 from specdec.sampling import SamplingConfig, apply_repetition_penalty, next_token, seen_mask, tree_seen_mask
 from specdec.state import DecodeState, StepOutcome
@@ -41,13 +42,26 @@ class GenerationResult:
 class SpecEngine:
     """Lossless speculative decoding of ``target`` (an HF causal LM) with ``drafter``."""
 
-    def __init__(self, target: torch.nn.Module, drafter: Drafter, verifier: "str | Verifier" = "greedy"):
+    def __init__(self, target: torch.nn.Module, drafter: Drafter, verifier: "str | Verifier" = "greedy",
+                 overlap: bool = False, threads: "tuple[int, int] | None" = None):
+        """``overlap=True``: the drafter drafts the next proposal in a worker thread while the target verifies the
+        current one (PEARL; :mod:`specdec.overlap`). ``threads``: (target, draft) torch threads in that mode; by
+        default this process's threads are split between the two (the target keeps them all when the drafter
+        runs on an accelerator)."""
         self.target = target
         self.runner = CausalLMRunner(target)
         self.drafter = drafter
         self.verifier = create_verifier(verifier)
         if getattr(drafter, "target_model", target) is not target:
             raise IncompatibleModelsError("the drafter was created for a different target model")
+        self.overlap = bool(overlap)
+        if threads is not None and not self.overlap:
+            raise InvalidInputError("threads=(target, draft) applies to overlap=True only")
+        if self.overlap:
+            check_can_overlap(drafter)
+        if threads is not None:
+            split_threads(threads, draft_on_cpu=True)  # refuses a malformed pair now, not at generate()
+        self.threads = threads
 
     # ------------------------------------------------------------------ public API
     def generate(self, input_ids: torch.Tensor, max_new_tokens: int = 128, eos_token_id=_FROM_CONFIG,
@@ -96,9 +110,12 @@ class SpecEngine:
         done = self._emit(state, stops, first, streamer)
         if not done:
             self.drafter.begin(state)
-        while not done:
+        if not done and self.overlap:
+            self._overlapped(state, stops, stats, streamer)
+        while not done and not self.overlap:
             done = self._step(state, stops, stats, streamer)
 
+        stats.transfer_time += state.transfer_time
         stats.new_tokens = state.num_generated
         stats.draft_forwards = self.drafter.forward_count - draft_forwards_before
         stats.drafter_info = self.drafter.describe()
@@ -106,10 +123,21 @@ class SpecEngine:
             streamer.end()
         return GenerationResult(state.sequence, stats)
 
+    def _overlapped(self, state: DecodeState, stops: StoppingRules, stats: DecodingStats, streamer) -> None:
+        """The rounds of overlap mode, with the target's and the drafter's own torch thread counts."""
+        draft_device = drafter_device(self.drafter, self.runner.device)
+        target_threads, draft_threads = split_threads(self.threads, draft_device.type == "cpu")
+        before = torch.get_num_threads()
+        torch.set_num_threads(target_threads)
+        try:
+            OverlapRounds(self, draft_threads).run(state, stops, stats, streamer)
+        finally:
+            torch.set_num_threads(before)
+
     # ------------------------------------------------------------------ one step
     def _step(self, state: DecodeState, stops: StoppingRules, stats: DecodingStats, streamer) -> bool:
         t0 = time.perf_counter()
-        proposed = self.drafter.propose(state)
+        proposed = self._to_target(self.drafter.propose(state), stats)
         tree, index_in_proposed = self._fit(proposed, state.remaining)
         t1 = time.perf_counter()
 
@@ -132,12 +160,7 @@ class SpecEngine:
         stats.accepted_lengths.append(result.num_accepted + 1)
         stats.draft_depths.append(tree.max_depth)
         stats.tree_sizes.append(tree.size)
-        budget = getattr(self.drafter, "tree_budget", None)  # drafters that size trees to the hardware report it
-        if budget is not None:
-            stats.tree_budgets.append(int(budget))
-        if proposed.stop_reason is not None:  # sequential drafters: why the draft ended (specdec.draft_length)
-            reason = str(getattr(proposed.stop_reason, "value", proposed.stop_reason))
-            stats.stop_reasons[reason] = stats.stop_reasons.get(reason, 0) + 1
+        self._record_proposal(proposed, stats)
 
         done = self._emit(state, stops, result.tokens, streamer)
         if tree is not proposed:  # report node indices of the tree the drafter proposed
@@ -148,6 +171,23 @@ class SpecEngine:
         self.drafter.observe(state, outcome)
         stats.draft_time += time.perf_counter() - t2
         return done
+
+    def _record_proposal(self, proposed: DraftTree, stats: DecodingStats) -> None:
+        budget = getattr(self.drafter, "tree_budget", None)  # drafters that size trees to the hardware report it
+        if budget is not None:
+            stats.tree_budgets.append(int(budget))
+        if proposed.stop_reason is not None:  # sequential drafters: why the draft ended (specdec.draft_length)
+            reason = str(getattr(proposed.stop_reason, "value", proposed.stop_reason))
+            stats.stop_reasons[reason] = stats.stop_reasons.get(reason, 0) + 1
+
+    def _to_target(self, tree: DraftTree, stats: DecodingStats) -> DraftTree:
+        """A proposal on the target's device; a real move's time goes to ``stats.transfer_time``."""
+        if tree.tokens.device == self.runner.device:
+            return tree
+        t0 = time.perf_counter()
+        moved = tree.to(self.runner.device)
+        stats.transfer_time += time.perf_counter() - t0
+        return moved
 
     def _emit(self, state: DecodeState, stops: StoppingRules, tokens: torch.Tensor, streamer) -> bool:
         emitted, done = stops.cut(state.sequence[0], state.prompt_len, tokens.to(state.sequence.device))

@@ -12,8 +12,9 @@ from specdec.errors import InvalidInputError, UnknownNameError
 
 DEFAULT_PRESET = "qwen-coder-pair"
 KEYS = {"target", "draft", "dtype", "weights", "threads", "max_new_tokens", "limit", "categories", "verifier", "baselines",
-        "drafters", "prompts", "output", "chat", "do_sample", "temperature", "top_k", "top_p", "seed"}
-ENTRY_KEYS = {"drafter", "baseline", "options", "verifier", "uses_draft_model"}  # one entry under `drafters:`
+        "drafters", "prompts", "output", "chat", "do_sample", "temperature", "top_k", "top_p", "seed", "draft_device",
+        "device_map", "offload_folder", "overlap"}
+ENTRY_KEYS = {"drafter", "baseline", "options", "verifier", "uses_draft_model", "overlap"}  # an entry of `drafters:`
 
 
 def _shipped() -> dict[str, object]:

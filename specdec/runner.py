@@ -43,6 +43,16 @@ def cache_argument(module: torch.nn.Module) -> str:
     return "cache" if "cache" in inspect.signature(module.forward).parameters else "past_key_values"
 
 
+def execution_device(model: torch.nn.Module) -> torch.device:
+    """The device ``model`` takes its input ids on (see :attr:`CausalLMRunner.device`)."""
+    embedding = model.get_input_embeddings()
+    hook = getattr(embedding, "_hf_hook", None)  # accelerate's dispatch hook (device_map)
+    device = getattr(hook, "execution_device", None)
+    if device is not None:
+        return torch.device(device) if not isinstance(device, int) else torch.device("cuda", device)
+    return embedding.weight.device
+
+
 def text_config(model: torch.nn.Module):
     """The config of the text decoder: ``model.config`` itself, or its text part for multimodal configs."""
     config = model.config
@@ -67,7 +77,9 @@ class CausalLMRunner:
 
     @property
     def device(self) -> torch.device:
-        return self.model.get_input_embeddings().weight.device
+        """Where the model takes its inputs: its input embedding's device, or the device accelerate runs it on when
+        a ``device_map`` offloaded it (its weights then sit on the meta device between uses)."""
+        return execution_device(self.model)
 
     @property
     def uses_sliding_window(self) -> bool:
@@ -119,8 +131,8 @@ class CausalLMRunner:
         )
         self.length += tokens.numel()
         self.slot_positions = torch.cat([self.slot_positions.to(dev), positions])
-        hidden = tuple(h[0] for h in out.hidden_states) if output_hidden_states else None
-        return ForwardOutput(out.logits[0].float(), hidden)
+        hidden = tuple(h[0].to(dev) for h in out.hidden_states) if output_hidden_states else None
+        return ForwardOutput(out.logits[0].float().to(dev), hidden)  # a model split across devices ends elsewhere
 
     def _attention_mask(self, positions: torch.Tensor, mask: torch.Tensor):
         n = positions.numel()

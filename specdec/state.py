@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 
 import torch
@@ -27,6 +28,21 @@ class DecodeState:
     generator: torch.Generator | None = None  # the only source of random numbers (set whenever do_sample=True)
     max_new_tokens: int = 0
     target_hidden: torch.Tensor | None = None  # [k, d] last-layer states of the tokens committed by the last step
+    transfer_time: float = 0.0  # seconds drafters spent moving tensors across devices (transfer())
+    assumed: int = 0  # overlap mode: the last ``assumed`` tokens of ``sequence`` are a draft not yet verified (the
+    #                   proposal drafts ahead on the outcome that they are all accepted); 0 otherwise
+
+    def transfer(self, tensor: torch.Tensor, device: "torch.device | str") -> torch.Tensor:
+        """``tensor`` on ``device``, the time of a real move counted in ``transfer_time`` (the stats' transfer_time):
+        drafters on another device than the target take tokens and hidden states through here."""
+        if tensor.device == torch.device(device):
+            return tensor
+        t0 = time.perf_counter()
+        moved = tensor.to(device)
+        if moved.device.type == "cuda":  # a host-to-device copy returns before it is done
+            torch.cuda.synchronize(moved.device)
+        self.transfer_time += time.perf_counter() - t0
+        return moved
 
     @property
     def root(self) -> int:
@@ -51,3 +67,11 @@ class StepOutcome:
     emitted: torch.Tensor  # LongTensor [e]: tokens appended to the sequence (result.tokens cut by stopping rules)
     hidden_states: tuple[torch.Tensor, ...] | None = None  # drafters with needs_target_hidden_states: the target's
     #   per-layer states over [root, node_0, ...] (embeddings first, each [n+1, d]) from the verification forward
+    scored: torch.Tensor | None = None  # BoolTensor [n+1]: slots whose target_logits row the target computed; None:
+    #   all. Overlap mode verifies a proposal drafted ahead in pieces, and a rejected sibling's row is never computed
+
+    def scored_slots(self) -> torch.Tensor:
+        """BoolTensor [n+1]: slots of [root, node_0, ...] whose ``target_logits`` row is real."""
+        if self.scored is not None:
+            return self.scored
+        return torch.ones(self.tree.size + 1, dtype=torch.bool, device=self.target_logits.device)

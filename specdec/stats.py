@@ -30,6 +30,13 @@ class DecodingStats:
     prefill_time: float = 0.0  # seconds
     draft_time: float = 0.0
     verify_time: float = 0.0
+    transfer_time: float = 0.0  # seconds moving drafts, tokens and hidden states between the drafter's and the
+    #                             target's devices (inside draft_time / verify_time)
+    overlapped: bool = False  # SpecEngine(overlap=True): drafting ran beside the target's forward (specdec.overlap)
+    draft_wait_time: float = 0.0  # overlap: seconds the target waited for the drafter after its forward
+    lookahead: dict[str, int] = field(default_factory=lambda: {"accepted": 0, "missed": 0, "none": 0})  # overlap:
+    #   rounds that accepted a token drafted ahead / did not (a rejection before the guessed path's end, or another
+    #   path) / had nothing drafted ahead
     new_tokens: int = 0
     lossless: bool = True  # False when an opt-in lossy verifier (typical acceptance) was used
     verifier: str = "greedy"
@@ -43,6 +50,9 @@ class DecodingStats:
 
     @property
     def total_time(self) -> float:
+        """Seconds of the whole call: with overlap, drafting ran beside verification and only the wait counts."""
+        if self.overlapped:
+            return self.prefill_time + self.verify_time + self.draft_wait_time
         return self.prefill_time + self.draft_time + self.verify_time
 
     def acceptance_rate_by_depth(self) -> list[float]:
@@ -61,6 +71,10 @@ class DecodingStats:
             "prefill_time": self.prefill_time,
             "draft_time": self.draft_time,
             "verify_time": self.verify_time,
+            "transfer_time": self.transfer_time,
+            "overlapped": self.overlapped,
+            "draft_wait_time": self.draft_wait_time,
+            "lookahead": dict(self.lookahead),
             "new_tokens": self.new_tokens,
             "acceptance_rate_by_depth": self.acceptance_rate_by_depth(),
             "lossless": self.lossless,

@@ -36,6 +36,10 @@ class DraftTree:
     draft_probs: optional FloatTensor [n, V]: the drafter's (warped) distribution q at each node's parent, the one the
                  node was proposed from; needed only by sampling verifiers.
     stop_reason: why a sequential drafter stopped drafting deeper (specdec.draft_length.StopReason), for the stats.
+    memo: the drafter's own record of how it built this proposal (any object; None for stateless drafters). It
+          travels with the tree and comes back in ``Drafter.observe`` as ``outcome.tree.memo``, so a drafter keeps
+          nothing about a proposal on ``self`` and may draft ahead before an earlier proposal is observed
+          (``SpecEngine(overlap=True)``).
     """
 
     tokens: torch.Tensor
@@ -43,6 +47,7 @@ class DraftTree:
     draft_probs: torch.Tensor | None = None
     proposal: ProposalKind = ProposalKind.POINT_MASS
     stop_reason: str | None = None
+    memo: object = field(default=None, repr=False, compare=False)
     _cache: dict = field(default_factory=dict, repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -55,7 +60,11 @@ class DraftTree:
     # ------------------------------------------------------------------ construction
     def with_stop_reason(self, reason: "str | None") -> "DraftTree":
         """The same tree (tensors shared) carrying why its drafter stopped (specdec.draft_length)."""
-        return DraftTree(self.tokens, self.parents, self.draft_probs, self.proposal, reason)
+        return DraftTree(self.tokens, self.parents, self.draft_probs, self.proposal, reason, self.memo)
+
+    def with_memo(self, memo: object) -> "DraftTree":
+        """The same tree (tensors shared) carrying the drafter's ``memo``."""
+        return DraftTree(self.tokens, self.parents, self.draft_probs, self.proposal, self.stop_reason, memo)
 
     @staticmethod
     def empty(device: torch.device | str = "cpu") -> "DraftTree":
@@ -175,11 +184,62 @@ class DraftTree:
         if bool((new_par[par >= 0] < 0).any()):
             raise ValueError("pruning must keep every ancestor of a kept node")
         probs = None if self.draft_probs is None else self.draft_probs[kept]
-        return DraftTree(self.tokens[kept], new_par, probs, self.proposal, self.stop_reason), kept
+        return DraftTree(self.tokens[kept], new_par, probs, self.proposal, self.stop_reason, self.memo), kept
 
     def to(self, device: torch.device | str) -> "DraftTree":
         """This tree on ``device``; the same object (with its built buffers) when it is already there."""
         if self.tokens.device == torch.device(device):
             return self
         probs = None if self.draft_probs is None else self.draft_probs.to(device)
-        return DraftTree(self.tokens.to(device), self.parents.to(device), probs, self.proposal, self.stop_reason)
+        return DraftTree(self.tokens.to(device), self.parents.to(device), probs, self.proposal, self.stop_reason,
+                         self.memo)
+
+    # ------------------------------------------------------------------ drafting ahead (SpecEngine overlap mode)
+    def main_path(self) -> torch.Tensor:
+        """LongTensor [d]: node indices of the drafter's first guess, from depth 1 down: the first child of the root,
+        then each node's first child (children keep their drafter's order, best first), to a node without one."""
+        if self.size == 0:
+            return torch.zeros(0, dtype=torch.long, device=self.parents.device)
+        first_child = torch.full((self.size + 1,), -1, dtype=torch.long, device=self.parents.device)  # by slot
+        idx = torch.arange(self.size, device=self.parents.device)
+        first_child.scatter_reduce_(0, self.parents + 1, idx, reduce="amin", include_self=False)
+        return self.path_to(int(_follow(first_child.tolist())))
+
+    def subtree(self, node: int) -> tuple["DraftTree", torch.Tensor]:
+        """The nodes below ``node`` as a tree of their own (``node`` becomes its root) and, for each of its nodes,
+        the index it has here. Proposal kind and memo are kept; draft_probs follow their nodes."""
+        below = self.ancestors[1:, node + 1].clone()  # [n]: node itself and its descendants
+        below[node] = False
+        kept = torch.nonzero(below).flatten()
+        remap = torch.full((self.size,), -1, dtype=torch.long, device=self.parents.device)
+        remap[kept] = torch.arange(kept.numel(), device=self.parents.device)
+        par = self.parents[kept]
+        new_par = torch.where(par == node, torch.full_like(par, -1), remap[par.clamp(min=0)])
+        probs = None if self.draft_probs is None else self.draft_probs[kept]
+        return DraftTree(self.tokens[kept], new_par, probs, self.proposal, self.stop_reason, self.memo), kept
+
+    def graft(self, other: "DraftTree", under: int) -> "DraftTree":
+        """This tree with the children of ``other``'s root (its depth-1 nodes) hung below node ``under`` (-1: below
+        the root), appended after this tree's nodes. Both must be the same proposal kind (or one of them empty), and
+        both carry draft_probs or neither."""
+        first = torch.nonzero(other.parents < 0).flatten()
+        if first.numel() == 0:
+            return self
+        if self.size == 0:
+            return other.prune(other.parents < 0)[0]
+        if other.proposal != self.proposal or (other.draft_probs is None) != (self.draft_probs is None):
+            raise ValueError(f"cannot graft a {other.proposal.value} proposal below a {self.proposal.value} one")
+        tokens = torch.cat([self.tokens, other.tokens[first].to(self.tokens.device)])
+        parents = torch.cat([self.parents, torch.full((first.numel(),), under, dtype=torch.long,
+                                                      device=self.parents.device)])
+        probs = None if self.draft_probs is None else \
+            torch.cat([self.draft_probs, other.draft_probs[first].to(self.draft_probs.device)])
+        return DraftTree(tokens, parents, probs, self.proposal, self.stop_reason, self.memo)
+
+
+def _follow(first_child: list[int]) -> int:
+    """The last node reached from the root slot by following ``first_child`` (by slot; -1 = none): a node index."""
+    slot = 0
+    while first_child[slot] >= 0:
+        slot = first_child[slot] + 1
+    return slot - 1

@@ -49,14 +49,18 @@ class RegimeDrafter(Drafter):
 
     def propose(self, state: DecodeState) -> DraftTree:
         pos = state.sequence.shape[1] - 1  # reference index of the root
-        assert torch.equal(state.sequence[0].cpu(), self.reference[: pos + 1]), \
-            f"the engine's sequence left the greedy reference before position {pos + 1}"
+        verified = pos + 1 - state.assumed  # overlap mode drafts ahead on assumed tokens (the engine's guess)
+        assert torch.equal(state.sequence[0, :verified].cpu(), self.reference[:verified]), \
+            f"the engine's sequence left the greedy reference before position {verified}"
         tree = self.inner.propose(state)
-        self._substituted = tree.size == 0 and self.regime != "natural"
-        if self._substituted:
+        substituted = tree.size == 0 and self.regime != "natural"
+        inner = tree
+        if substituted:
             tree = DraftTree.chain(torch.zeros(EMPTY_SUBSTITUTE_LENGTH, dtype=torch.long, device=tree.tokens.device))
-        if self.regime == "natural":
-            return tree
+        memo = (inner, substituted)  # observe hands the inner drafter its own proposal back
+        off_reference = not torch.equal(state.sequence[0].cpu(), self.reference[: pos + 1])
+        if self.regime == "natural" or off_reference:  # a guess that left the reference is dropped unverified
+            return tree.with_memo(memo)
         idx = pos + tree.depths.cpu()
         assert int(idx.max()) < self.reference.numel(), "extend the reference: the draft reaches past it"
         right = self.reference[idx]
@@ -67,14 +71,23 @@ class RegimeDrafter(Drafter):
             tokens = wrong
         else:
             tokens = torch.where(tree.depths.cpu() == 2, wrong, right)
-        return DraftTree(tokens.to(tree.tokens.device), tree.parents, tree.draft_probs, tree.proposal)
+        return DraftTree(tokens.to(tree.tokens.device), tree.parents, tree.draft_probs, tree.proposal, memo=memo)
 
     def observe(self, state: DecodeState, outcome: StepOutcome) -> None:
-        if self._substituted:  # the inner drafter proposed nothing: tell it so, with the same emitted tokens
-            empty = DraftTree.empty(outcome.tree.tokens.device)
+        inner, substituted = outcome.tree.memo
+        if substituted:  # the inner drafter proposed nothing: tell it so, with the same emitted tokens
+            empty = inner
             result = VerificationResult(empty.tokens, outcome.result.tokens, outcome.result.bonus)
             outcome = StepOutcome(empty, result, outcome.target_logits, outcome.emitted)
+        else:  # the inner proposal with its memo; tokens as verified (the regime may have rewritten them)
+            tree = DraftTree(outcome.tree.tokens, inner.parents, inner.draft_probs, inner.proposal,
+                             inner.stop_reason, inner.memo)
+            outcome = StepOutcome(tree, outcome.result, outcome.target_logits, outcome.emitted,
+                                  outcome.hidden_states, outcome.scored)
         self.inner.observe(state, outcome)
+
+    def discard(self, proposal: DraftTree) -> None:
+        self.inner.discard(proposal.memo[0])
 
 
 class OracleChainDrafter(Drafter):

@@ -78,8 +78,10 @@ def test_invalid_options(options):
 def test_matrix_update_takes_topk_of_every_slot_last_write_wins():
     drafter = _drafter(k=3, template=SMALL, context_rows=False)
     drafter.begin(_state(9))
-    assert drafter.propose(_state(9)).size == 0  # nothing learned yet
-    tree = DraftTree(torch.tensor([5, 7, 5]), torch.tensor([-1, 0, -1]))  # slots: [9, 5, 7, 5]
+    proposed = drafter.propose(_state(9))
+    assert proposed.size == 0  # nothing learned yet
+    tree = DraftTree(torch.tensor([5, 7, 5]), torch.tensor([-1, 0, -1]),  # slots: [9, 5, 7, 5]
+                     memo=proposed.memo)  # the drafter's record of its proposal (root 9), handed back in observe
     logits = torch.zeros(4, VOCAB)
     for slot, candidates in enumerate([[10, 11, 12], [20, 21, 22], [30, 31, 32], [40, 41, 42]]):
         logits[slot, candidates] = torch.tensor([3.0, 2.0, 1.0])

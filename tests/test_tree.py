@@ -7,7 +7,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from specdec.tree import DraftTree
+from specdec.tree import DraftTree, ProposalKind
 
 T, F = True, False
 
@@ -166,3 +166,31 @@ def test_from_paths_merges_shared_prefixes(paths):
     parents = tree.parents.tolist()
     node_paths = [tuple(tree.tokens[_chain_to_root(parents, i)].tolist()) for i in range(tree.size)]
     assert sorted(node_paths) == sorted(prefixes)  # every prefix exactly once, so every path is reproduced
+
+
+def test_main_path_subtree_and_graft_for_drafting_ahead():
+    #        root
+    #       /    \
+    #     5(0)   6(1)
+    #    /   \
+    #  7(2)  8(3)
+    #   |
+    #  9(4)
+    tree = DraftTree(torch.tensor([5, 6, 7, 8, 9]), torch.tensor([-1, -1, 0, 0, 2]), memo="mine")
+    assert tree.main_path().tolist() == [0, 2, 4]  # first child at every level
+    below, index = tree.subtree(0)  # node 5 becomes the root
+    assert below.tokens.tolist() == [7, 8, 9] and below.parents.tolist() == [-1, -1, 0]
+    assert index.tolist() == [2, 3, 4] and below.memo == "mine"
+    assert tree.subtree(4)[0].size == 0
+    ahead = DraftTree(torch.tensor([1, 2, 3]), torch.tensor([-1, 0, -1]))
+    grafted = tree.graft(ahead, 4)  # the depth-1 nodes of `ahead` (1 and 3) below node 4
+    assert grafted.tokens.tolist() == [5, 6, 7, 8, 9, 1, 3]
+    assert grafted.parents.tolist() == [-1, -1, 0, 0, 2, 4, 4]
+    assert grafted.depths.tolist() == [1, 1, 2, 2, 3, 4, 4]
+    empty = DraftTree.empty()
+    assert empty.main_path().numel() == 0
+    assert empty.graft(ahead, -1).tokens.tolist() == [1, 3]
+    assert tree.graft(empty, 4) is tree
+    sampled = DraftTree.chain(torch.tensor([1]), torch.full((1, 4), 0.25), ProposalKind.IID)
+    with pytest.raises(ValueError, match="cannot graft"):
+        tree.graft(sampled, 4)

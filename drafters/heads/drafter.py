@@ -107,7 +107,6 @@ class HeadsDrafter(Drafter):
         self.context: torch.Tensor | None = None
         self._costs = None
         self._calibration = 1.0  # running (accepted tokens) / (predicted tokens), as draft_model's
-        self._predicted = 0.0
 
     def _resolve(self, target, heads) -> tuple[DraftHeads, str]:
         if isinstance(heads, DraftHeads):
@@ -168,14 +167,15 @@ class HeadsDrafter(Drafter):
                 pool, n = dynamic_tree(self.heads, root_state, log_q, depth, topk, width, self.config.min_prob)
                 order = torch.sort(pool.scores, descending=True, stable=True).indices
             self.forward_count += n
-            budget = self._budget(pool.scores[order], t_start)
+            budget, predicted = self._budget(pool.scores[order], t_start)
             chosen = order[:budget].sort().values  # creation order is topological
-            return self._tree(state, pool, chosen, kind, pool.q_at(chosen) if sampled else None)
+            return self._tree(state, pool, chosen, kind, predicted, pool.q_at(chosen) if sampled else None)
 
     def observe(self, state: DecodeState, outcome: StepOutcome) -> None:
-        if self.tree_budget is not None:  # auto budget: about the last ten steps (specdec.budget)
+        predicted = outcome.tree.memo  # an auto budget's predicted tokens; None for a fixed budget
+        if predicted is not None:  # about the last ten steps (specdec.budget)
             self._calibration = update_calibration(self._calibration, outcome.result.num_accepted,
-                                                   self._predicted if outcome.tree.size else 0.0)
+                                                   predicted if outcome.tree.size else 0.0)
 
     def describe(self) -> dict:
         cfg = self.heads.config
@@ -224,31 +224,32 @@ class HeadsDrafter(Drafter):
         for _ in range(self.heads.config.num_heads):  # ancestor-closed: usable only where the parent is
             keep = keep & torch.where(tree.parents >= 0, keep[tree.parents.clamp(min=0)], True)
         order = torch.nonzero(keep).flatten()
-        budget = self._budget(torch.log(tree.values[order]).float(), t_start)
+        budget, predicted = self._budget(torch.log(tree.values[order]).float(), t_start)
         chosen = order[:budget]
         dev = top.device
         tokens = top[tree.depth[chosen] - 1, tree.rank[chosen]].to(dev)
         pool = Pool(tokens, _remap(tree.parents[chosen], chosen).to(dev), torch.zeros(chosen.numel()))
-        return self._tree(state, pool, torch.arange(chosen.numel(), device=dev), ProposalKind.POINT_MASS)
+        return self._tree(state, pool, torch.arange(chosen.numel(), device=dev), ProposalKind.POINT_MASS, predicted)
 
-    def _budget(self, ordered_scores: torch.Tensor, t_start: float) -> int:
+    def _budget(self, ordered_scores: torch.Tensor, t_start: float) -> tuple[int, float | None]:
         """Nodes to keep from ``ordered_scores`` (best-first cumulative log q): the fixed budget, or the count that
-        maximises expected tokens per second (values exp(score) x calibration, capped at max_budget)."""
+        maximises expected tokens per second (values exp(score) x calibration, capped at max_budget); and the
+        tokens that count predicts (None for a fixed budget)."""
         if self.config.budget != "auto":
             self.tree_budget = None
-            return min(self.config.budget, ordered_scores.numel())
+            return min(self.config.budget, ordered_scores.numel()), None
         if self._costs is None:
             self._costs = forward_costs(self.target_model)
         values = (ordered_scores.float().exp() * self._calibration).clamp(max=1.0)
         k = choose_budget(values, self._costs, time.perf_counter() - t_start, self.config.max_budget)
-        self._predicted = float(values[:k].sum())
         self.tree_budget = k
-        return k
+        return k, float(values[:k].sum())
 
-    def _tree(self, state: DecodeState, pool, chosen: torch.Tensor, kind: ProposalKind,
+    def _tree(self, state: DecodeState, pool, chosen: torch.Tensor, kind: ProposalKind, predicted: float | None,
               probs: torch.Tensor | None = None) -> DraftTree:
-        """The tree of pool nodes ``chosen`` (increasing, ancestor-closed); ``probs`` [n, V] their q if sampled."""
-        tree = DraftTree(pool.tokens[chosen], _remap(pool.parents[chosen], chosen), probs, kind)
+        """The tree of pool nodes ``chosen`` (increasing, ancestor-closed); ``probs`` [n, V] their q if sampled;
+        the memo is the tokens an auto budget predicted, for observe's calibration."""
+        tree = DraftTree(pool.tokens[chosen], _remap(pool.parents[chosen], chosen), probs, kind, memo=predicted)
         return tree.to(state.sequence.device)
 
 

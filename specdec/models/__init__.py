@@ -18,6 +18,7 @@ from specdec.models.fetch import (
     refetch_hint,
 )
 from specdec.models.reading import reads_not_maps
+from specdec.runner import execution_device
 from specdec.models.registry import MODELS, ModelSpec, get_spec
 
 __all__ = ["MODELS", "ModelSpec", "available_models", "gguf_path", "load", "load_folder", "local_path"]
@@ -44,7 +45,7 @@ WEIGHTS = ("dense", "int8", "w8a8", "gguf")
 
 
 def load(name: str, dtype=None, device=None, cache_dir: str | Path | None = None, tokenizer: bool = True,
-         weights: str = "dense"):
+         weights: str = "dense", device_map=None, offload_folder: str | Path | None = None):
     """Return ``(model, tokenizer)`` for one of :func:`available_models`.
 
     ``dtype=None`` picks the precision that is fast and exact on ``device`` (default CPU): bf16 where it is native
@@ -54,21 +55,41 @@ def load(name: str, dtype=None, device=None, cache_dir: str | Path | None = None
     included, bf16 activations) or ``"w8a8"`` (the same int8 weights times int8 activations, rounded per token and
     128-column block), both on native CPU kernels (:mod:`specdec.kernels`, docs/cpu-fast-path.md), or ``"gguf"``
     (the GGUF file's own Q4_K / Q6_K tensors, the model llama.cpp runs, times int8 activations rounded per 256
-    columns; :mod:`specdec.models.gguf_weights`)."""
+    columns; :mod:`specdec.models.gguf_weights`).
+
+    ``device_map`` places the model across devices with accelerate, as in HF's ``from_pretrained`` ("auto", or a
+    dict from module names to ``"cpu"``, a GPU index or ``"disk"``); modules on ``"disk"`` are offloaded to
+    ``offload_folder`` and loaded for each forward. Dense weights only; ``device`` must then be None."""
     folder = local_path(name, cache_dir)
     gguf_file = (lambda: gguf_path(name, cache_dir)) if weights == "gguf" else None  # checked only when read
     return load_folder(folder, dtype=dtype, device=device, name=name, tokenizer=tokenizer, weights=weights,
-                       gguf_file=gguf_file)
+                       device_map=device_map, offload_folder=offload_folder, gguf_file=gguf_file)
+
+
+def _check_device_map(device_map, device, weights: str, offload_folder) -> None:
+    from specdec.errors import InvalidInputError
+
+    if device is not None:
+        raise InvalidInputError(f"give device ({device!r}) or device_map, not both")
+    if weights != "dense":
+        raise InvalidInputError(f"device_map places dense weights with accelerate; weights={weights!r} runs on the CPU "
+                                "kernels: use weights='dense' with a device_map")
+    if not (device_map == "auto" or isinstance(device_map, dict)):
+        raise InvalidInputError(f"device_map must be 'auto' or a dict from module names to devices, got {device_map!r}")
+    on_disk = isinstance(device_map, dict) and "disk" in [str(v) for v in device_map.values()]
+    if on_disk and offload_folder is None:
+        raise InvalidInputError("the device_map offloads modules to 'disk': pass offload_folder=<a folder for them>")
 
 
 def load_folder(folder: str | Path, dtype=None, device=None, name: str | None = None, tokenizer: bool = True,
-                weights: str = "dense", gguf_file: "str | Path | Callable[[], Path] | None" = None):
+                weights: str = "dense", gguf_file: "str | Path | Callable[[], Path] | None" = None,
+                device_map=None, offload_folder: str | Path | None = None):
     """``(model, tokenizer)`` from a HF folder, reading the safetensors without memory-mapping them (peak memory:
     :mod:`specdec.models.reading`); ``dtype`` and ``weights`` as in :func:`load`. With ``name`` (a cached model),
     an unreadable file is reported as a CorruptCacheError naming the refetch command, and on the CPU an untied
     input-embedding table is kept on disk, memory-mapped (:mod:`specdec.models.mapped_embedding`).
     ``weights="gguf"`` needs ``gguf_file``, the GGUF file the folder was converted from (or a function returning
-    it, called only when the file must be read)."""
+    it, called only when the file must be read). ``device_map`` and ``offload_folder`` as in :func:`load`."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -79,6 +100,9 @@ def load_folder(folder: str | Path, dtype=None, device=None, name: str | None = 
     if weights not in WEIGHTS:
         raise InvalidInputError(f"unknown weights={weights!r}; choose one of {', '.join(WEIGHTS)}")
     quantized = weights != "dense"
+    if device_map is not None:
+        _check_device_map(device_map, device, weights, offload_folder)
+        quantized = False
     if weights == "gguf" and gguf_file is None:
         raise InvalidInputError("weights='gguf' runs the tensors of the GGUF file this model was converted from; "
                                 "pass gguf_file=<path>, or load a registered model by name")
@@ -91,6 +115,7 @@ def load_folder(folder: str | Path, dtype=None, device=None, name: str | None = 
         warnings.warn(f"weights={weights!r} computes with bf16 activations on the native kernel; with {dtype} the "
                       "portable fallback runs, which is slower", RuntimeWarning, stacklevel=2)
     model = None
+    placed = {} if device_map is None else {"device_map": device_map, "offload_folder": offload_folder}
     int8_cached = quantized and name is not None  # a cached model keeps its quantized form beside it
     if int8_cached:
         from specdec.models.int8_cache import build_from_state, cached_int8_state
@@ -106,7 +131,7 @@ def load_folder(folder: str | Path, dtype=None, device=None, name: str | None = 
     if model is None:
         try:
             with reads_not_maps():
-                model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype)
+                model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, **placed)
         except Exception as exc:
             _reraise_as_corrupt(exc, folder, name, "weights or config")
             raise
@@ -122,12 +147,12 @@ def load_folder(folder: str | Path, dtype=None, device=None, name: str | None = 
             from specdec.models.int8_cache import save_int8_state
 
             save_int8_state(model, Path(folder), dtype, weights)
-    if name is not None and (device is None or torch.device(device).type == "cpu"):
+    if name is not None and device_map is None and (device is None or torch.device(device).type == "cpu"):
         map_input_embedding(model, folder)  # a cached model: its untied embedding table stays on disk, mapped
     release_memory()
     if device is not None:
         model = model.to(device)
-    if model.device.type == "cpu":
+    if execution_device(model).type == "cpu":
         from specdec.attention import use_fast_cpu_attention
 
         use_fast_cpu_attention(model)  # a few queries over a long cache: 8x faster than sdpa's CPU kernel

@@ -74,8 +74,13 @@ class DraftModelConfig:
     min_prob: float = 0.2  # stop expanding once the best frontier path probability falls below this: one more
     #                         int8 draft forward (~35 ms) must buy more than it costs (tuned on the Qwen pair, bf16)
     length_policy: str = "confidence"  # when to stop drafting deeper (specdec.draft_length): "confidence" (the
-    #                                    best path's probability below min_prob), "fixed" (always to depth) or
-    #                                    "hf-heuristic" (HF's num_assistant_tokens schedule); greedy drafts only
+    #                                    best path's probability below min_prob), "fixed" (always to depth),
+    #                                    "hf-heuristic" (HF's num_assistant_tokens schedule) or "specdec++" (an
+    #                                    acceptance head's predictions); greedy drafts only
+    acceptance_head: str | None = None  # specdec++: a head folder (specdec train-acceptance); None: the shipped
+    #                                     head for this draft model and target
+    acceptance_threshold: "float | str" = "auto"  # specdec++: stop once P(a fed token is rejected) exceeds this;
+    #                                               "auto": derived from measured costs (specdec.draft_length)
     quantize: str | None = "auto"  # "int8": dynamic int8 Linear layers (CPU only); "auto": int8 when on CPU
     dtype: str | None = None  # cast the draft model ("bfloat16", "float32"); None keeps it as given
     sample_tree: str = "without_replacement"  # do_sample=True: "without_replacement", "iid" or "topk" children
@@ -246,6 +251,19 @@ class _Fed:
         return _Fed(z, torch.zeros(0, 0, dtype=torch.bool, device=device), z.clone())
 
 
+def _acceptance_head(folder: str | None, draft: torch.nn.Module, target: torch.nn.Module):
+    """The SpecDec++ head for this pair: from ``folder``, else the shipped one; a clear error when there is none."""
+    from specdec.drafters.acceptance import load_acceptance_head, shipped_acceptance_head
+
+    if folder is None:
+        folder = shipped_acceptance_head(draft, target)
+        if folder is None:
+            raise InvalidInputError("length_policy='specdec++' needs an acceptance head for this draft model and "
+                                    "target; none is shipped for this pair: train one with `specdec "
+                                    "train-acceptance` and pass acceptance_head=FOLDER")
+    return load_acceptance_head(folder, draft, target)
+
+
 @dataclass(frozen=True)
 class _Proposal:
     """What observe needs about one proposal (its DraftTree.memo)."""
@@ -280,15 +298,22 @@ class DraftModelDrafter(Drafter):
         self._cache_version = 0  # bumped by every proposal: observe commits only the cache its proposal left
         self._costs = None  # the target's measured forward costs (budget="auto"), measured in begin()
         self._calibration = 1.0  # running (accepted tokens) / (predicted tokens) of the draft's path probabilities
-        self.length_policy = create_length_policy(self.config.length_policy, self.config.min_prob, on="path")
+        specdecpp = self.config.length_policy == "specdec++"
+        self.length_policy = create_length_policy(
+            self.config.length_policy, self.config.acceptance_threshold if specdecpp else self.config.min_prob, "path")
+        self.acceptance = _acceptance_head(self.config.acceptance_head, model, target) if specdecpp else None
+        self._forward_seconds = 0.0  # running seconds per draft forward (the specdec++ policy's cost)
 
     # ------------------------------------------------------------------ engine hooks
     def begin(self, state: DecodeState) -> None:
         self.runner.reset()
         self.cached = torch.zeros(0, dtype=torch.long)
-        if self._costs is None and self.config.budget == "auto" and self.config.mode == "tree":
+        needs_costs = (self.config.budget == "auto" and self.config.mode == "tree") or self.acceptance is not None
+        if self._costs is None and needs_costs:
             self._costs = forward_costs(self.target_model)  # here, not mid-proposal: a proposal may run beside
             #                                                 the target's forward (overlap mode)
+        if self.acceptance is not None:
+            self.length_policy.costs = self._costs
 
     def propose(self, state: DecodeState) -> DraftTree:
         topk, width, budget = self.config.shape()
@@ -309,14 +334,20 @@ class DraftModelDrafter(Drafter):
         level = torch.arange(topk, device=dev)  # pool indices of the newest level
         fed = _Fed.empty(dev)
         reason = StopReason.MAX_DEPTH
+        accept = None if self.acceptance is None else 1.0  # predicted P(the fed best-path tokens are accepted)
         for d in range(2, depth + 1):
             lvl_scores = scores[level]
-            reason = self.length_policy.stop(self._signal(d - 1, scores, parents, level))
+            reason = self.length_policy.stop(self._signal(d - 1, scores, parents, level, accept))
             if reason is not None:
                 break
             reason = StopReason.MAX_DEPTH
-            expand = level[lvl_scores.topk(min(width, level.numel())).indices]  # [w] pool indices
-            logits, paths = self._feed(fed, tokens, parents, expand, d, state.sampling.penalizes_repetition)
+            expand = level[lvl_scores.topk(min(width, level.numel())).indices]  # [w] pool indices, best first
+            t_feed = time.perf_counter()
+            logits, paths, hidden = self._feed(fed, tokens, parents, expand, d, state.sampling.penalizes_repetition)
+            if self.acceptance is not None:  # the head reads the best expanded node's state: is it accepted?
+                accept *= float(self.acceptance.accept_prob(hidden[0]))
+            spent = time.perf_counter() - t_feed
+            self._forward_seconds = spent if not self._forward_seconds else 0.9 * self._forward_seconds + 0.1 * spent
             child_logp, child_tok = self._log_q(logits, state, paths).topk(topk)  # [w, topk]
             n_pool = tokens.numel()
             scores = torch.cat([scores, (scores[expand, None] + child_logp).flatten()])
@@ -330,14 +361,15 @@ class DraftModelDrafter(Drafter):
         chosen = order[:budget].sort().values  # creation order is topological
         return self._finish(state, fed, tokens, parents, chosen, predicted, stop_reason=reason)
 
-    @staticmethod
-    def _signal(drafted: int, scores: torch.Tensor, parents: torch.Tensor, level: torch.Tensor) -> DepthSignal:
-        """What the length policy sees after ``drafted`` levels: the best path's probability and its last token's."""
+    def _signal(self, drafted: int, scores: torch.Tensor, parents: torch.Tensor, level: torch.Tensor,
+                accept: float | None = None) -> DepthSignal:
+        """What the length policy sees after ``drafted`` levels: the best path's probability and its last token's,
+        and (specdec++) the predicted acceptance of the tokens fed so far."""
         best = level[scores[level].argmax()]
         parent = parents[best]
         last = torch.where(parent >= 0, scores[best] - scores[parent.clamp(min=0)], scores[best])
         path, token = torch.stack([scores[best], last]).exp().tolist()  # one host sync per level
-        return DepthSignal(drafted, path, token)
+        return DepthSignal(drafted, path, token, accept, self._forward_seconds)
 
     def _propose_sampled(self, state: DecodeState, root_logits: torch.Tensor, depth: int,
                          t_start: float) -> DraftTree:
@@ -349,7 +381,7 @@ class DraftModelDrafter(Drafter):
         fed = _Fed.empty(self.runner.device)
 
         def expand(tokens: torch.Tensor, parents: torch.Tensor, nodes: torch.Tensor, d: int) -> torch.Tensor:
-            logits, paths = self._feed(fed, tokens, parents, nodes, d + 1, state.sampling.penalizes_repetition)
+            logits, paths, _ = self._feed(fed, tokens, parents, nodes, d + 1, state.sampling.penalizes_repetition)
             return self._log_q(logits, state, paths)  # [w, V]
 
         # no length policy: a sampled token is accepted with probability ~1 - TV(p, q), not ~q(x); drafts go to depth
@@ -378,9 +410,10 @@ class DraftModelDrafter(Drafter):
         return k, float(values[:k].sum())
 
     def _feed(self, fed: "_Fed", tokens: torch.Tensor, parents: torch.Tensor, expand: torch.Tensor, d: int,
-              track_paths: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+              track_paths: bool) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
         """Run the draft model on pool nodes ``expand`` [w] (depth d - 1) under the tree mask; returns their logits
-        [w, V] and, with ``track_paths``, each one's draft path tokens [w, F] (-1 = not on the path)."""
+        [w, V], with ``track_paths`` each one's draft path tokens [w, F] (-1 = not on the path), and with an
+        acceptance head their last-layer hidden states [w, d]."""
         dev = self.runner.device
         w = expand.numel()
         f = fed.anc.shape[0]
@@ -392,15 +425,16 @@ class DraftModelDrafter(Drafter):
         base = self.runner.length - f  # draft-cache length before this proposal's nodes (the root at base - 1)
         mask = torch.cat([torch.ones(w, base, dtype=torch.bool, device=dev), new_rows], dim=1)
         positions = torch.full((w,), base - 2 + d, dtype=torch.long, device=dev)
-        out = self.runner.forward(tokens[expand], positions, mask)
+        out = self.runner.forward(tokens[expand], positions, mask, output_hidden_states=self.acceptance is not None)
+        hidden = None if out.hidden_states is None else out.hidden_states[-1]  # [w, d] last layer (specdec++)
         self.forward_count += 1
         fed.slot = torch.cat([fed.slot, torch.full((tokens.numel() - fed.slot.numel(),), -1, dtype=torch.long,
                                                    device=dev)])
         fed.slot[expand] = torch.arange(f, f + w, device=dev)
         if not track_paths:
-            return out.logits, None
+            return out.logits, None, hidden
         fed.tokens = torch.cat([fed.tokens, tokens[expand]])
-        return out.logits, torch.where(new_rows, fed.tokens[None, :], -1)
+        return out.logits, torch.where(new_rows, fed.tokens[None, :], -1), hidden
 
     def _finish(self, state: DecodeState, fed: "_Fed", tokens: torch.Tensor, parents: torch.Tensor,
                 chosen: torch.Tensor, predicted: float | None, draft_probs: torch.Tensor | None = None,
@@ -443,7 +477,7 @@ class DraftModelDrafter(Drafter):
             self._calibration = update_calibration(self._calibration, accepted if outcome.tree.size else 0,
                                                    memo.predicted if outcome.tree.size else 0.0)
         if outcome.tree.size:
-            self.length_policy.observe(outcome.tree.max_depth, accepted)
+            self.length_policy.observe(outcome.tree.max_depth, accepted, self._forward_seconds)
         if memo.cache_version != self._cache_version:  # a later proposal drafted ahead: _sync reconciles the cache
             return
         if outcome.tree.size == 0:  # an auto budget may keep no node of a pool the draft model already read

@@ -72,9 +72,10 @@ def build_parser() -> argparse.ArgumentParser:
     from specdec.models.cli import add_parser as add_models_parser
 
     add_models_parser(sub)
-    from specdec.training.cli import add_parser as add_train_parser
+    from specdec.training.cli import add_acceptance_parser, add_parser as add_train_parser
 
     add_train_parser(sub)
+    add_acceptance_parser(sub)
     from specdec.drafters.heads.export import add_parser as add_export_parser
 
     add_export_parser(sub)
@@ -295,6 +296,10 @@ def main(argv: list[str] | None = None) -> int:
             from specdec.training.cli import cmd_train
 
             return cmd_train(args)
+        if args.command == "train-acceptance":
+            from specdec.training.cli import cmd_train_acceptance
+
+            return cmd_train_acceptance(args)
         if args.command == "export-heads":
             from specdec.drafters.heads.export import cmd_export_heads
 

@@ -21,7 +21,7 @@ from specdec.drafters.base import Drafter
 from specdec.drafters.trigram_table import TrigramTable
 from specdec.tree import DraftTree
 from tiny_models import ARCHS, VOCAB, greedy_reference, tiny_model, tiny_prompt
-from tiny_heads import perturbed_heads, reduced_vocab
+from tiny_heads import perturbed_heads, reduced_vocab, tiny_acceptance_head
 
 NEW_TOKENS = 28
 REFERENCE_SLACK = 16  # the regime rewriter looks this far past NEW_TOKENS at most (drafts are <= 12 deep)
@@ -42,6 +42,10 @@ DRAFTER_FACTORIES: dict[str, dict[str, Factory]] = {
         # HF's heuristic draft length (specdec.draft_length): the chain grows and shrinks with the regime
         "hf-heuristic": lambda target, arch: dict(model=tiny_model(arch, seed=1), mode="chain", depth=8,
                                                   length_policy="hf-heuristic"),
+        # SpecDec++ on a random acceptance head: stop once P(a fed token is rejected) > 0.9 (drafts 2-5 deep)
+        "specdec++": lambda target, arch: dict(
+            model=tiny_model(arch, seed=1), mode="chain", depth=6, length_policy="specdec++",
+            acceptance_head=tiny_acceptance_head(tiny_model(arch, seed=1), target), acceptance_threshold=0.9),
     },
     "prompt-lookup": {
         "chain": lambda target, arch: {},

@@ -29,3 +29,18 @@ def reduced_vocab(target: torch.nn.Module, size: int = VOCAB // 2) -> DraftVocab
     for seed in (0, 1):
         counts += torch.bincount(greedy_reference(target, tiny_prompt(seed=seed), 40)[0], minlength=VOCAB)
     return DraftVocab.from_counts(counts, size)
+
+
+def tiny_acceptance_head(draft, target, seed: int = 0, bias: float = 0.0) -> str:
+    """A randomly initialised SpecDec++ acceptance head for a tiny (draft, target) pair, saved to a temporary
+    folder (returned); ``bias`` shifts its logit."""
+    import tempfile
+
+    from specdec.drafters.acceptance import AcceptanceHead, save_acceptance_head
+    from specdec.drafters.heads.fingerprint import target_fingerprint
+
+    head = AcceptanceHead(draft.config.hidden_size).init_weights(torch.Generator().manual_seed(seed))
+    with torch.no_grad():
+        head.out.bias.fill_(bias)
+    head.meta = {"draft": target_fingerprint(draft), "target": target_fingerprint(target)}
+    return str(save_acceptance_head(head, tempfile.mkdtemp(prefix="specdecpp-")))

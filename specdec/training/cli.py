@@ -59,3 +59,63 @@ def cmd_train(args: argparse.Namespace) -> int:
               + " ".join(f"{a:.2f}" for a in after["top5"]) + f" -> {args.output}/heads-{kind}")
     return 0
 
+
+
+def add_acceptance_parser(sub) -> argparse.ArgumentParser:
+    p = sub.add_parser("train-acceptance", help="train SpecDec++'s acceptance head for a draft model and target",
+                       description="The draft model (as the draft-model drafter runs it) reads the target's own "
+                                   "answers (answers.jsonl of a `specdec train` run) and learns to predict which of "
+                                   "its greedy tokens the target accepts (docs/drafters.md#specdec).")
+    p.add_argument("--target", required=True, help="target model name (specdec.models) or local HF folder")
+    p.add_argument("--draft", required=True, help="draft model name or folder")
+    p.add_argument("--answers", required=True, help="answers.jsonl of a `specdec train` run (the target's answers)")
+    p.add_argument("--output", required=True, help="folder for the head (acceptance.json + .safetensors)")
+    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"])
+    p.add_argument("--limit", type=int, help="use the first N answers")
+    p.add_argument("--per-sequence", type=int, default=48, help="answer positions per sequence (0: all)")
+    p.add_argument("--epochs", type=int, default=4)
+    p.add_argument("--layers", type=int, default=3, help="residual blocks (shared weights, as the paper's)")
+    p.add_argument("--reject-weight", type=float, default=6.0, help="BCE weight of rejected tokens (paper: 6)")
+    p.add_argument("--eval-fraction", type=float, default=0.1)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, help="torch CPU threads")
+    p.add_argument("--no-progress", action="store_true")
+    return p
+
+
+def cmd_train_acceptance(args: argparse.Namespace) -> int:
+    import sys
+
+    import torch
+
+    from specdec.cli import load_models
+    from specdec.drafters import create_drafter
+    from specdec.drafters.acceptance import save_acceptance_head
+    from specdec.drafters.heads.fingerprint import target_fingerprint
+    from specdec.errors import InvalidInputError
+    from specdec.training.acceptance import acceptance_examples, held_out, train_acceptance_head
+    from specdec.training.jsonl import read_rows, sha256_of
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    rows = read_rows(args.answers)[: args.limit]
+    if not rows or "answer_ids" not in rows[0]:
+        raise InvalidInputError(f"{args.answers} holds no answers with answer_ids: pass the answers.jsonl of a "
+                                "`specdec train` run")
+    target, draft, tokenizer = load_models({"target": args.target, "draft": args.draft, "dtype": args.dtype})
+    drafter = create_drafter("draft-model", target=target, model=draft)  # the draft model exactly as it drafts
+    progress = not args.no_progress
+    data = acceptance_examples(drafter.runner.model, tokenizer, rows, per_sequence=args.per_sequence or None,
+                               progress=progress)
+    mask = held_out(data["sequence"], rows, args.eval_fraction)
+    head, metrics = train_acceptance_head(data, mask, args.layers, args.reject_weight, args.epochs,
+                                          seed=args.seed, progress=progress)
+    head.meta = {"draft": target_fingerprint(draft), "target": target_fingerprint(target),
+                 "training": {"command": "specdec " + " ".join(sys.argv[1:]), "answers": str(args.answers),
+                              "answers_sha256": sha256_of(args.answers), "sequences": len(rows), **metrics}}
+    save_acceptance_head(head, args.output)
+    after = metrics["after"]
+    print(f"acceptance head: {metrics['train_examples']} examples ({metrics['train_accept_rate']:.2f} accepted), "
+          f"held-out AUC {after['auc']:.3f}, accuracy {after['accuracy']:.3f}, mean predicted "
+          f"{after['mean_predicted']:.3f} vs {after['accept_rate']:.3f} accepted -> {args.output}")
+    return 0

@@ -3,6 +3,7 @@ checkpoints and feature chunks): written to a temporary file beside the target, 
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import tempfile
@@ -38,3 +39,12 @@ def write_json_atomic(path: "str | os.PathLike", data) -> None:
     """``data`` as JSON (indented, sorted keys) to ``path``, atomically (:func:`write_atomic`)."""
     text = json.dumps(data, indent=1, sort_keys=True)
     write_atomic(path, lambda tmp: Path(tmp).write_text(text))
+
+
+def sha256_of(path: "str | os.PathLike") -> str:
+    """Hex sha256 of the file at ``path``, read 1 MiB at a time."""
+    digest = hashlib.sha256()
+    with Path(path).open("rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()

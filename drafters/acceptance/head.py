@@ -17,7 +17,6 @@ A head folder holds ``acceptance.json`` ({"config": ..., "files": {name: sha256}
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import os
@@ -29,7 +28,7 @@ from safetensors.torch import load_file, save_file
 
 from specdec.drafters.heads.fingerprint import fingerprint_difference, target_fingerprint
 from specdec.errors import CorruptHeadsError, HeadsTargetMismatchError
-from specdec.files import write_atomic
+from specdec.files import sha256_of, write_atomic
 
 CONFIG_FILE = "acceptance.json"
 TENSOR_FILE = "acceptance.safetensors"
@@ -73,7 +72,7 @@ def save_acceptance_head(head: AcceptanceHead, folder: "str | os.PathLike") -> P
     write_atomic(folder / TENSOR_FILE, lambda tmp: save_file(tensors, tmp))
     config = {"hidden_size": head.block.in_features, "layers": head.layers, "reject_weight": head.reject_weight,
               **head.meta}
-    text = json.dumps({"config": config, "files": {TENSOR_FILE: _sha256(folder / TENSOR_FILE)}}, indent=1,
+    text = json.dumps({"config": config, "files": {TENSOR_FILE: sha256_of(folder / TENSOR_FILE)}}, indent=1,
                       sort_keys=True)
     write_atomic(folder / CONFIG_FILE, lambda tmp: Path(tmp).write_text(text))
     return folder
@@ -94,7 +93,7 @@ def load_acceptance_head(folder: "str | os.PathLike", draft: torch.nn.Module,
         raise CorruptHeadsError(f"{folder / CONFIG_FILE} is missing or unreadable ({type(exc).__name__}): not an "
                                 f"acceptance head folder, or a save that did not finish; retrain it") from exc
     path = folder / TENSOR_FILE
-    if not path.is_file() or _sha256(path) != expected:
+    if not path.is_file() or sha256_of(path) != expected:
         raise CorruptHeadsError(f"{path} is missing or fails its sha256 (half-written or altered); retrain the head")
     for role, model in (("draft model", draft), ("target", target)):
         if model is None:
@@ -129,11 +128,3 @@ def shipped_acceptance_head(draft: torch.nn.Module, target: torch.nn.Module) -> 
                 fingerprint_difference(config.get("target") or {}, target_print) is None:
             return index.parent
     return None
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()

@@ -10,7 +10,6 @@ no longer matches ``heads.json``, which ``load_heads`` reports by name.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 from pathlib import Path
@@ -27,7 +26,7 @@ from specdec.drafters.heads.hydra import HydraHeads
 from specdec.drafters.heads.medusa import MedusaHeads
 from specdec.drafters.heads.vocab import DraftVocab
 from specdec.errors import CorruptHeadsError, HeadsConfigError, HeadsTargetMismatchError
-from specdec.files import write_atomic
+from specdec.files import sha256_of, write_atomic
 
 HEAD_CLASSES: dict[str, type[DraftHeads]] = {cls.kind: cls for cls in (MedusaHeads, HydraHeads, CloverHeads)}
 CONFIG_FILE = "heads.json"
@@ -123,15 +122,7 @@ def _shards(tensors: dict[str, torch.Tensor]) -> list[list[str]]:
 def _write_atomic(path: Path, write) -> str:
     """Write through ``write(tmp_path)`` then rename onto ``path`` (``specdec.files.write_atomic``); returns the
     file's sha256."""
-    return _sha256(write_atomic(path, write))
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
+    return sha256_of(write_atomic(path, write))
 
 
 def _read_index(folder: Path) -> dict:
@@ -151,7 +142,7 @@ def _read_index(folder: Path) -> dict:
 def _read_tensors(path: Path, digest: str) -> dict[str, torch.Tensor]:
     if not path.is_file():
         raise CorruptHeadsError(f"{path} is missing (listed in {CONFIG_FILE}); copy the whole heads folder again")
-    if _sha256(path) != digest:
+    if sha256_of(path) != digest:
         raise CorruptHeadsError(f"{path} is corrupt or truncated: its sha256 differs from the one in {CONFIG_FILE}; "
                                 f"copy or save the heads again")
     try:

@@ -34,6 +34,7 @@ from pathlib import Path
 from tqdm.auto import tqdm
 
 from specdec.errors import ChecksumError, CorruptCacheError, ModelFetchError
+from specdec.files import sha256_of
 from specdec.models.registry import ModelSpec
 
 _BLOCK = 1 << 20
@@ -47,14 +48,6 @@ def default_cache_dir() -> Path:
 
 def refetch_hint(name: str) -> str:
     return f"run `specdec models --refetch {name}` to delete the model's cached files and fetch it again"
-
-
-def sha256_of(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as f:
-        for block in iter(lambda: f.read(_BLOCK), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 # ---------------------------------------------------------------------------------------------- cache layout

@@ -94,7 +94,8 @@ def cmd_train_acceptance(args: argparse.Namespace) -> int:
     from specdec.drafters.heads.fingerprint import target_fingerprint
     from specdec.errors import InvalidInputError
     from specdec.training.acceptance import acceptance_examples, held_out, train_acceptance_head
-    from specdec.training.jsonl import read_rows, sha256_of
+    from specdec.files import sha256_of
+    from specdec.training.jsonl import read_rows
 
     if args.threads:
         torch.set_num_threads(args.threads)

@@ -1,4 +1,4 @@
-"""Append-only JSONL files that survive being killed mid-write, and the sha256 a recipe records for each file.
+"""Append-only JSONL files that survive being killed mid-write (their sha256: ``specdec.files.sha256_of``).
 
 Every stage of the data pipeline appends one finished row at a time and fsyncs it, so a killed run loses at most
 the row it was writing; :func:`read_rows` skips a torn last line, and the stage redoes that row on resume.
@@ -6,7 +6,6 @@ the row it was writing; :func:`read_rows` skips a torn last line, and the stage 
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 from pathlib import Path
@@ -45,12 +44,3 @@ def append_rows(path: "str | os.PathLike", rows: Iterable[dict]) -> None:
             f.write(json.dumps(row, ensure_ascii=False, sort_keys=True) + "\n")
         f.flush()
         os.fsync(f.fileno())
-
-
-
-def sha256_of(path: "str | os.PathLike") -> str:
-    digest = hashlib.sha256()
-    with Path(path).open("rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()

@@ -43,7 +43,7 @@ def train_heads(target, tokenizer, output: "str | os.PathLike", recipe: TrainRec
     from specdec.training.answers import answer_and_extract
     from specdec.training.batches import label_counts, split
     from specdec.training.feature_cache import FeatureCache
-    from specdec.training.jsonl import sha256_of
+    from specdec.files import sha256_of
     from specdec.training.trainer import train_heads_on
 
     recipe = recipe or TrainRecipe()

@@ -3,7 +3,8 @@
 One loop for every drafter and acceptance rule (Leviathan et al. 2023, arXiv 2211.17192; tree verification as in
 SpecInfer, arXiv 2305.09781): the drafter proposes a tree below the newest token, the target scores the root and
 every node in one forward under an ancestor mask, the verifier picks the accepted path and the next token, the
-target's cache keeps only that path, and the stopping rules cut the emitted tokens.
+target's cache keeps only that path, and the stopping rules cut the emitted tokens. With ``overlap=True`` the
+drafter drafts the next proposal while the target verifies (PEARL, :mod:`specdec.overlap`).
 """
 
 from __future__ import annotations
@@ -110,10 +111,10 @@ class SpecEngine:
         done = self._emit(state, stops, first, streamer)
         if not done:
             self.drafter.begin(state)
-        if not done and self.overlap:
-            self._overlapped(state, stops, stats, streamer)
-        while not done and not self.overlap:
-            done = self._step(state, stops, stats, streamer)
+            if self.overlap:
+                self._overlapped(state, stops, stats, streamer)
+            while not done and not self.overlap:
+                done = self._step(state, stops, stats, streamer)
 
         stats.transfer_time += state.transfer_time
         stats.new_tokens = state.num_generated

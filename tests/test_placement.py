@@ -102,3 +102,12 @@ def test_cli_placement_flags_reach_the_settings():
     cfg = settings(args)
     assert cfg["draft_device"] == "cuda" and cfg["device_map"] == "auto" and cfg["offload_folder"] == "/tmp/x"
     assert cfg["drafter_entries"] == [{"name": "draft-model", "drafter": "draft-model", "overlap": True}]
+
+
+def test_a_device_this_machine_lacks_is_a_clear_error(saved_target, monkeypatch):
+    _, folder = saved_target
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(InvalidInputError, match="no CUDA GPU"):
+        load_folder(folder, device="cuda", tokenizer=False)
+    with pytest.raises(InvalidInputError, match="unknown device"):
+        load_folder(folder, device="gpu0", tokenizer=False)

@@ -66,6 +66,24 @@ def load(name: str, dtype=None, device=None, cache_dir: str | Path | None = None
                        device_map=device_map, offload_folder=offload_folder, gguf_file=gguf_file)
 
 
+def _check_device(device) -> None:
+    """A clear error for a device this machine does not have (e.g. --draft-device cuda without a GPU)."""
+    import torch
+
+    from specdec.errors import InvalidInputError
+
+    if device is None:
+        return
+    try:
+        kind = torch.device(device).type
+    except (RuntimeError, TypeError) as exc:
+        raise InvalidInputError(f"unknown device {device!r}: use 'cpu', 'cuda' or 'cuda:N'") from exc
+    if kind == "cuda" and not torch.cuda.is_available():
+        raise InvalidInputError(f"device {device!r}: this machine has no CUDA GPU that torch can use (torch "
+                                f"{torch.__version__}); load on 'cpu', or install a CUDA build of torch on a GPU "
+                                "machine")
+
+
 def _check_device_map(device_map, device, weights: str, offload_folder) -> None:
     from specdec.errors import InvalidInputError
 
@@ -109,6 +127,7 @@ def load_folder(folder: str | Path, dtype=None, device=None, name: str | None = 
     if quantized and device is not None and torch.device(device).type != "cpu":
         raise InvalidInputError(f"weights={weights!r} runs on the CPU kernels; load with device='cpu' (got "
                                 f"{device!r}) or use weights='dense' on this device")
+    _check_device(device)
     folder = str(folder)
     dtype = dtype or default_dtype(device)
     if quantized and dtype != torch.bfloat16:

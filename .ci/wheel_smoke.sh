@@ -31,4 +31,7 @@ grep -q "^qwen-coder-pair:" presets.txt
     --drafter prompt-lookup --drafter draft-model-tree --no-progress --output "$WORK/out"
 test -s "$WORK/out/results.json"
 "$BIN/python" -c "from specdec.benchmarks.prompts import read_prompts; assert len(read_prompts()) == 480"
+"$BIN/specdec" train-acceptance --help > /dev/null
+"$BIN/python" -c "from specdec.drafters.acceptance.head import SHIPPED; assert list(SHIPPED.glob('*/acceptance.safetensors'))"
+"$BIN/python" -c "from specdec.drafters.heads.drafter import SHIPPED; assert list(SHIPPED.glob('*/heads.safetensors'))"
 echo "wheel smoke: ok"

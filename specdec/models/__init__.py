@@ -18,7 +18,6 @@ from specdec.models.fetch import (
     refetch_hint,
 )
 from specdec.models.reading import reads_not_maps
-from specdec.runner import execution_device
 from specdec.models.registry import MODELS, ModelSpec, get_spec
 
 __all__ = ["MODELS", "ModelSpec", "available_models", "gguf_path", "load", "load_folder", "local_path"]
@@ -114,6 +113,7 @@ def load_folder(folder: str | Path, dtype=None, device=None, name: str | None = 
     from specdec.errors import InvalidInputError
     from specdec.models.mapped_embedding import map_input_embedding
     from specdec.precision import default_dtype
+    from specdec.runner import execution_device
 
     if weights not in WEIGHTS:
         raise InvalidInputError(f"unknown weights={weights!r}; choose one of {', '.join(WEIGHTS)}")

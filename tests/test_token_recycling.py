@@ -93,6 +93,23 @@ def test_matrix_update_takes_topk_of_every_slot_last_write_wins():
     assert int(drafter.matrix.sum()) == 10 + 11 + 12 + 40 + 41 + 42 + 30 + 31 + 32  # no other row changed
 
 
+def test_rows_the_target_never_computed_are_not_learned():
+    """Overlap mode observes a proposal whose rejected siblings were never scored (StepOutcome.scored): their
+    placeholder rows must not be written into the matrix."""
+    drafter = _drafter(k=3, template=SMALL, context_rows=False)
+    drafter.begin(_state(9))
+    proposed = drafter.propose(_state(9))
+    tree = DraftTree(torch.tensor([5, 7]), torch.tensor([-1, -1]), memo=proposed.memo)  # slots: [9, 5, 7]
+    logits = torch.zeros(3, VOCAB)
+    logits[0, [10, 11, 12]] = logits[1, [20, 21, 22]] = torch.tensor([3.0, 2.0, 1.0])
+    outcome = _outcome(tree, logits, [5])
+    outcome = StepOutcome(outcome.tree, outcome.result, logits, outcome.emitted,
+                          scored=torch.tensor([True, True, False]))  # node 7's row is a placeholder
+    drafter.observe(_state(9), outcome)
+    assert drafter.matrix[9].tolist() == [10, 11, 12] and drafter.matrix[5].tolist() == [20, 21, 22]
+    assert not bool(drafter.written[7])
+
+
 def test_template_filling_on_a_hand_made_matrix():
     drafter = _drafter(k=2, template=SMALL, budget=5)
     _set_rows(drafter, {9: [3, 4], 3: [11, 12], 4: [13, 14]})

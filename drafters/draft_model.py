@@ -334,7 +334,7 @@ class DraftModelDrafter(Drafter):
         level = torch.arange(topk, device=dev)  # pool indices of the newest level
         fed = _Fed.empty(dev)
         reason = StopReason.MAX_DEPTH
-        accept = None if self.acceptance is None else 1.0  # predicted P(the fed best-path tokens are accepted)
+        accept = None  # specdec++: predicted P(the fed best-path tokens are accepted), a tensor (no sync here)
         for d in range(2, depth + 1):
             lvl_scores = scores[level]
             reason = self.length_policy.stop(self._signal(d - 1, scores, parents, level, accept))
@@ -345,7 +345,8 @@ class DraftModelDrafter(Drafter):
             t_feed = time.perf_counter()
             logits, paths, hidden = self._feed(fed, tokens, parents, expand, d, state.sampling.penalizes_repetition)
             if self.acceptance is not None:  # the head reads the best expanded node's state: is it accepted?
-                accept *= float(self.acceptance.accept_prob(hidden[0]))
+                p_fed = self.acceptance.accept_prob(hidden[0])
+                accept = p_fed if accept is None else accept * p_fed
             spent = time.perf_counter() - t_feed
             self._forward_seconds = spent if not self._forward_seconds else 0.9 * self._forward_seconds + 0.1 * spent
             child_logp, child_tok = self._log_q(logits, state, paths).topk(topk)  # [w, topk]
@@ -362,14 +363,18 @@ class DraftModelDrafter(Drafter):
         return self._finish(state, fed, tokens, parents, chosen, predicted, stop_reason=reason)
 
     def _signal(self, drafted: int, scores: torch.Tensor, parents: torch.Tensor, level: torch.Tensor,
-                accept: float | None = None) -> DepthSignal:
+                accept: torch.Tensor | None = None) -> DepthSignal:
         """What the length policy sees after ``drafted`` levels: the best path's probability and its last token's,
-        and (specdec++) the predicted acceptance of the tokens fed so far."""
+        and (specdec++) the predicted acceptance of the tokens fed so far (1 when none was fed)."""
         best = level[scores[level].argmax()]
         parent = parents[best]
         last = torch.where(parent >= 0, scores[best] - scores[parent.clamp(min=0)], scores[best])
-        path, token = torch.stack([scores[best], last]).exp().tolist()  # one host sync per level
-        return DepthSignal(drafted, path, token, accept, self._forward_seconds)
+        values = torch.stack([scores[best], last]).exp().float()
+        if self.acceptance is not None:
+            values = torch.cat([values, (accept if accept is not None else values.new_ones(())).float().reshape(1)])
+        read = values.tolist()  # one host sync per level
+        return DepthSignal(drafted, read[0], read[1], read[2] if self.acceptance is not None else None,
+                           self._forward_seconds)
 
     def _propose_sampled(self, state: DecodeState, root_logits: torch.Tensor, depth: int,
                          t_start: float) -> DraftTree:

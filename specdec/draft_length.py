@@ -27,6 +27,7 @@ Policies (``create_length_policy``):
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections import deque
 from dataclasses import dataclass
 from enum import Enum
 
@@ -115,7 +116,7 @@ class SpecDecPP(DraftLengthPolicy):
         self.tokens_per_step = 2.0  # running averages, with priors
         self.seconds_per_step = 0.0
         self.acceptance = 0.7
-        self.thresholds: list[float] = []  # the auto threshold at each decision (for reports)
+        self.thresholds: deque[float] = deque(maxlen=1024)  # the latest auto thresholds (for reports)
 
     def stop(self, signal: DepthSignal) -> StopReason | None:
         if signal.accept_prob is None:

@@ -123,9 +123,9 @@ def evaluate(head: AcceptanceHead, x: torch.Tensor, y: torch.Tensor) -> dict:
 
 
 def _auc(score: torch.Tensor, label: torch.Tensor) -> float:
-    """Area under the ROC curve (rank statistic; ties get half credit)."""
+    """Area under the ROC curve (the rank statistic; tied scores are ranked in input order, not averaged)."""
     pos, neg = score[label > 0.5], score[label <= 0.5]
     if pos.numel() == 0 or neg.numel() == 0:
         return float("nan")
-    ranks = torch.cat([pos, neg]).argsort().argsort().double() + 1  # ties broken by order: close enough here
+    ranks = torch.cat([pos, neg]).argsort().argsort().double() + 1
     return float((ranks[:pos.numel()].sum() - pos.numel() * (pos.numel() + 1) / 2) / (pos.numel() * neg.numel()))

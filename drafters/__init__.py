@@ -36,6 +36,7 @@ from specdec.drafters import draft_model, prompt_lookup  # noqa: E402,F401
 from specdec.drafters import token_recycling  # noqa: E402,F401
 from specdec.drafters import aded  # noqa: E402,F401
 from specdec.drafters import del_exit, swift  # noqa: E402,F401
-from specdec.drafters.heads import drafter as _heads_drafter  # noqa: E402,F401  (medusa, hydra, clover)
+from specdec.drafters.heads import drafter as _heads_drafter  # noqa: E402,F401  (medusa, hydra, clover, chimera)
+from specdec.drafters.heads import deer_drafter as _deer_drafter  # noqa: E402,F401  (deer)
 
 __all__ = ["Drafter", "available_drafters", "create_drafter", "drafter_class", "register_drafter"]

@@ -91,8 +91,13 @@ DRAFTER_FACTORIES: dict[str, dict[str, Factory]] = {
         "perturbed": lambda target, arch, kind=kind: dict(heads=perturbed_heads(kind, target), budget=16),
         "reduced-vocab": lambda target, arch, kind=kind: dict(heads=perturbed_heads(
             kind, target, draft_vocab=reduced_vocab(target)), budget=10),
-    } for kind in ("medusa", "hydra", "clover")},
+    } for kind in ("medusa", "hydra", "clover", "chimera", "deer")},
 }
+DRAFTER_FACTORIES["deer"].update({
+    "two-steps": lambda target, arch: dict(heads=perturbed_heads("deer", target, num_heads=6), steps=2, budget=6),
+    "confidence-cut": lambda target, arch: dict(heads=perturbed_heads("deer", target), confidence=0.02, budget=4),
+    "short-block": lambda target, arch: dict(heads=perturbed_heads("deer", target), block_size=2, budget=8),
+})
 DRAFTER_FACTORIES["medusa"]["static-tree"] = lambda target, arch: dict(
     heads=perturbed_heads("medusa", target).with_metadata(accuracies=[[0.6, 0.2, 0.1], [0.5, 0.2], [0.4, 0.2], [0.3]]),
     budget=10)

@@ -59,7 +59,8 @@ def test_config_json_round_trip():
     config = HeadsConfig("clover", 4, 64, 96, 48, {"rank": 32}, {"architecture": "X"}, {"lr": 1e-3},
                          [[0.5, 0.25]] * 4)
     assert HeadsConfig.from_json(config.to_json()) == config
-    with pytest.raises(HeadsConfigError, match="heads kind must be one of 'medusa', 'hydra', 'clover', got 'eagle'"):
+    with pytest.raises(HeadsConfigError, match="heads kind must be one of 'medusa', 'hydra', 'clover', 'chimera', "
+                                               "'deer', got 'eagle'"):
         HeadsConfig("eagle", 4, 64, 96)
     with pytest.raises(HeadsConfigError, match="accuracies must be 4 lists"):
         HeadsConfig("medusa", 4, 64, 96, accuracies=[[0.5]])
@@ -128,7 +129,8 @@ def test_config_that_does_not_match_the_tensors(change, phrase, tmp_path):
         load_heads(tmp_path, target)
 
 
-@pytest.mark.parametrize("kind,limit_mb", [("medusa", 20), ("hydra", 24), ("clover", 19)])
+@pytest.mark.parametrize("kind,limit_mb", [("medusa", 20), ("hydra", 24), ("clover", 19), ("chimera", 23),
+                                           ("deer", 20)])
 def test_checkpoint_size_for_qwen_1_5b(kind, limit_mb):
     """bf16 bytes of what save_heads writes for Qwen2.5-1.5B (d 1536, V 151936, 32k draft vocabulary): <= 25 MB."""
     config = HeadsConfig(kind, 4, 1536, 151936, 32768)
@@ -212,7 +214,7 @@ def test_training_logits_shape_and_causality(kind):
         assert not torch.equal(out2[k, :, t], out[k, :, t])  # and the heads do read it
 
 
-@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("kind", [k for k in KINDS if k != "deer"])
 def test_drafting_computes_the_training_logits(kind):
     """Along the true path, the drafting calls (extend -> initial_state -> node_states -> node_logits) give the same
     logits as training_logits at the same position: the trainer trains what the drafter drafts with."""
@@ -226,10 +228,49 @@ def test_drafting_computes_the_training_logits(kind):
         t = 14
         heads.extend(cache, hidden[0, :9], tokens[0, 1:10])  # in two chunks, as committed steps arrive
         context = heads.extend(cache, hidden[0, 9:t + 1], tokens[0, 10:t + 2])
-        state = heads.node_states(heads.initial_state(context), tokens[0, t + 1: t + 2], 0)
+        bound = heads.bind(cache)  # Chimera's node logits attend over the cache's committed states
+        state = bound.node_states(bound.initial_state(context), tokens[0, t + 1: t + 2], 0)
         for k in range(4):
-            torch.testing.assert_close(heads.node_logits(state, k)[0], expected[k, 0, t], rtol=1e-4, atol=1e-4)
-            state = heads.node_states(state, tokens[0, t + k + 2: t + k + 3], k + 1)
+            torch.testing.assert_close(bound.node_logits(state, k)[0], expected[k, 0, t], rtol=1e-4, atol=1e-4)
+            state = bound.node_states(state, tokens[0, t + k + 2: t + k + 3], k + 1)
+
+
+def test_chimera_first_positions_pad_as_drafting_does():
+    """Chimera's trigram before the second token repeats the earliest token fed, in training and in drafting: a
+    two-token prompt (one committed position) drafts with the logits training gives position 0."""
+    target = tiny_model("qwen2")
+    heads = perturbed_heads("chimera", target)
+    tokens = greedy_reference(target, tiny_prompt(length=2), 6)  # [1, 8]
+    with torch.no_grad():
+        hidden = target(input_ids=tokens, output_hidden_states=True).hidden_states[-1]
+        expected = heads.training_logits(hidden, tokens)
+        for t in (0, 1):
+            cache = heads.new_cache()
+            context = heads.extend(cache, hidden[0, :t + 1], tokens[0, 1:t + 2])
+            bound = heads.bind(cache)
+            state = bound.node_states(bound.initial_state(context), tokens[0, t + 1: t + 2], 0)
+            torch.testing.assert_close(bound.node_logits(state, 0)[0], expected[0, 0, t], rtol=1e-4, atol=1e-4)
+
+
+def test_deer_block_computes_the_training_logits():
+    """DEER's drafting pass (block_logits with every slot masked) is training_logits at the same position; an
+    unmasked slot changes the others (bidirectional), a masked slot's token does not matter."""
+    target = tiny_model("llama")
+    heads = perturbed_heads("deer", target)
+    tokens = greedy_reference(target, tiny_prompt(), 10)
+    with torch.no_grad():
+        hidden = target(input_ids=tokens, output_hidden_states=True).hidden_states[-1]
+        expected = heads.training_logits(hidden, tokens)  # [K, 1, T, N]
+        t = 14
+        masked = torch.ones(1, 4, dtype=torch.bool)
+        block = torch.zeros(1, 4, dtype=torch.long)
+        got = heads.block_logits(hidden[:, t], tokens[:, t + 1], block, masked)[0]  # [K, N]
+        torch.testing.assert_close(got, expected[:, 0, t], rtol=1e-4, atol=1e-4)
+        other = heads.block_logits(hidden[:, t], tokens[:, t + 1], block + 7, masked)[0]
+        torch.testing.assert_close(other, got, rtol=0, atol=0)
+        masked[0, 0] = False
+        unmasked = heads.block_logits(hidden[:, t], tokens[:, t + 1], block + 7, masked)[0]
+        assert not torch.allclose(unmasked[1:], got[1:])
 
 
 # ---------------------------------------------------------------------------------------------- drafters

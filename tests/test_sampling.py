@@ -441,7 +441,7 @@ def test_generate_three_token_distribution(case):
         assert follows(observed, probs, z=Z_09995), (dims, chi_square(observed, probs))
 
 
-# Trained-head drafters (medusa, hydra, clover) with perturbed heads (q far from p), one over a reduced draft
+# Trained-head drafters (medusa, hydra, clover, chimera) with perturbed heads (q far from p), one over a reduced draft
 # vocabulary (q is zero on 3 of the 8 tokens), each checked like E2E_CASES; the broken case draws from q but hands
 # the verifier a uniform q, and the same test must reject it.
 HEADS_E2E_CASES = {
@@ -450,7 +450,10 @@ HEADS_E2E_CASES = {
                                                                                          repetition_penalty=1.5), True),
     "clover-spectr-iid": ("clover", "spectr", dict(topk=3, sample_tree="iid"), dict(temperature=1.5, top_p=0.9),
                           False),
+    "chimera-rejection-tree": ("chimera", "rejection", dict(topk=2, width=2), dict(temperature=1.5, top_p=0.95),
+                               False),
     "broken-uniform-q": ("hydra", "rejection", dict(topk=1), dict(temperature=1.5), False),
+    "broken-chimera-uniform-q": ("chimera", "rejection", dict(topk=2), dict(temperature=1.5), False),
 }
 
 

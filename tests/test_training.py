@@ -50,15 +50,22 @@ def data(tmp_path_factory):
     return model, train, held_out, vocab
 
 
-@pytest.mark.parametrize("kind", ["medusa", "hydra", "clover"])
+@pytest.mark.parametrize("kind", ["medusa", "hydra", "clover", "chimera", "deer"])
 def test_training_raises_held_out_agreement(kind, data, tmp_path):
     model, train, held_out, vocab = data
     gen = torch.Generator().manual_seed(0)
     heads = build_heads(kind, model, 3, draft_vocab=vocab, generator=gen)
-    result = train_heads_on(heads, train, held_out, RECIPE, tmp_path, gen, progress=False)
+    # deer: both stages (stage I's 1/u weights make lr 5e-3 unstable on this data), and slots 2-3 of an untrained
+    # block already match often (each starts as the target's own next token, and tiny-model answers repeat)
+    recipe = RECIPE.replace(lr=2e-3) if kind == "deer" else RECIPE
+    result = train_heads_on(heads, train, held_out, recipe, tmp_path, gen, progress=False)
     before, after = result.initial, result.final
     assert after.loss < before.loss - 0.3, (before.loss, after.loss)
-    assert sum(after.top1) / 3 > sum(before.top1) / 3 + 0.08, (before.top1, after.top1)
+    if kind == "deer":
+        assert after.top1[0] > before.top1[0] + 0.15, (before.top1, after.top1)
+        assert sum(after.top1) / 3 > sum(before.top1) / 3 + 0.04, (before.top1, after.top1)
+    else:
+        assert sum(after.top1) / 3 > sum(before.top1) / 3 + 0.08, (before.top1, after.top1)
     assert all(a >= b - 0.02 for a, b in zip(after.top5, before.top5))
     assert len(after.accuracies) == 3 and all(len(row) == 10 for row in after.accuracies)
     assert all(abs(sum(row[:5]) - t5) < 1e-5 for row, t5 in zip(after.accuracies, after.top5))

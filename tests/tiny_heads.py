@@ -8,8 +8,11 @@ import torch
 from specdec.drafters.heads import DraftHeads, DraftVocab, build_heads
 from tiny_models import VOCAB, greedy_reference, tiny_prompt
 
-KINDS = ("medusa", "hydra", "clover")
-SMALL = {"medusa": {}, "hydra": {"rank": 16}, "clover": {"rank": 32, "mlp_size": 32, "num_attention_heads": 4,
+KINDS = ("medusa", "hydra", "clover", "chimera", "deer")
+SMALL = {"medusa": {}, "hydra": {"rank": 16},
+         "chimera": {"trigram_rank": 32, "rank": 16, "mlp_size": 32, "num_attention_heads": 4, "head_dim": 8},
+         "deer": {"inner_size": 32, "num_layers": 2, "num_attention_heads": 4, "mlp_size": 32},
+         "clover": {"rank": 32, "mlp_size": 32, "num_attention_heads": 4,
                                                           "head_dim": 8}}
 
 

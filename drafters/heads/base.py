@@ -107,6 +107,11 @@ class DraftHeads(nn.Module, ABC):
         ``next_tokens`` [k] (the last one is the draft root); returns the context feature [d] of the last one."""
         return self.features(hidden[-1])
 
+    def bind(self, cache) -> "DraftHeads":
+        """The drafting face (``initial_state``, ``node_states``, ``node_logits``) for one generation's ``cache``:
+        these heads themselves, unless node logits read the cache (Chimera attends over committed states)."""
+        return self
+
     def initial_state(self, context: torch.Tensor) -> torch.Tensor:
         """FloatTensor [1, S]: the state ``node_states`` turns into the root's (depth 0) state."""
         return context[None]

@@ -19,8 +19,10 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from specdec.drafters.heads.base import DraftHeads
+from specdec.drafters.heads.chimera import ChimeraHeads
 from specdec.drafters.heads.clover import CloverHeads
 from specdec.drafters.heads.config import HeadsConfig
+from specdec.drafters.heads.deer import DeerHeads
 from specdec.drafters.heads.fingerprint import fingerprint_difference, target_fingerprint
 from specdec.drafters.heads.hydra import HydraHeads
 from specdec.drafters.heads.medusa import MedusaHeads
@@ -28,7 +30,8 @@ from specdec.drafters.heads.vocab import DraftVocab
 from specdec.errors import CorruptHeadsError, HeadsConfigError, HeadsTargetMismatchError
 from specdec.files import sha256_of, write_atomic
 
-HEAD_CLASSES: dict[str, type[DraftHeads]] = {cls.kind: cls for cls in (MedusaHeads, HydraHeads, CloverHeads)}
+HEAD_CLASSES: dict[str, type[DraftHeads]] = {cls.kind: cls for cls in (MedusaHeads, HydraHeads, CloverHeads,
+                                                                        ChimeraHeads, DeerHeads)}
 CONFIG_FILE = "heads.json"
 SHARD_BYTES = 25 * 10**6
 VOCAB_KEY = "draft_vocab.ids"  # int64 [N], saved only for a reduced vocabulary

@@ -8,19 +8,20 @@ from dataclasses import dataclass, field
 
 from specdec.errors import HeadsConfigError
 
-KINDS = ("medusa", "hydra", "clover")
+KINDS = ("medusa", "hydra", "clover", "chimera", "deer")
 FORMAT_VERSION = 1
 
 
 @dataclass(frozen=True)
 class HeadsConfig:
-    kind: str  # "medusa", "hydra" or "clover"
-    num_heads: int  # K: draft depth; head k predicts the token k + 2 after the hidden state's position
+    kind: str  # one of KINDS
+    num_heads: int  # K: draft depth; head k predicts the token k + 2 after the hidden state's position (deer: the
+    #                 block's slots, slot k predicting the same token)
     hidden_size: int  # d of the target's last hidden state
     vocab_size: int  # V: the target's LM-head rows
     draft_vocab_size: int | None = None  # N rows the heads predict over (FR-Spec); None: the full vocabulary
-    sizes: dict = field(default_factory=dict)  # kind-specific dims (medusa: num_layers; hydra: rank; clover: rank,
-    #                                             mlp_size, num_attention_heads); missing keys take the defaults
+    sizes: dict = field(default_factory=dict)  # kind-specific dims (medusa: num_layers; hydra: rank; clover, chimera,
+    #                                             deer: see their DEFAULTS); missing keys take the defaults
     target: dict = field(default_factory=dict)  # target_fingerprint() of the model the heads were built for
     recipe: dict = field(default_factory=dict)  # free-form JSON: training data and hyper-parameters
     accuracies: list | None = None  # accuracies[k][i]: held-out P(head k's i-th ranked token is the target's), i < 10

@@ -1,4 +1,4 @@
-"""The ``medusa``, ``hydra`` and ``clover`` drafters: trained draft heads on the target's last hidden states.
+"""The ``medusa``, ``hydra``, ``clover`` and ``chimera`` drafters: trained draft heads on the target's last hidden states.
 
 ``create_drafter("medusa", target=target, heads=PATH | DraftHeads | None, **options)``. With ``heads=None`` the
 heads shipped for this target are used (``weights/<name>/`` in this package, matched by kind and the target's
@@ -151,7 +151,8 @@ class HeadsDrafter(Drafter):
         with torch.no_grad():
             context = self._sync(state)
             root = state.sequence[0, -1:].to(context.device)
-            root_state = self.heads.node_states(self.heads.initial_state(context), root, 0)
+            heads = self.heads.bind(self.cache)
+            root_state = heads.node_states(heads.initial_state(context), root, 0)
             log_q = self._log_q_fn(state)
             sampled = state.sampling.do_sample and self.config.sample_tree != "topk"
             if self.static is not None and not sampled:
@@ -160,11 +161,11 @@ class HeadsDrafter(Drafter):
             width = self.config.width or (1 if sampled else 4)
             if sampled:
                 kind = SAMPLE_TREES[self.config.sample_tree]
-                pool, n = sampled_tree(self.heads, root_state, log_q, depth, topk, width, kind, state.generator)
+                pool, n = sampled_tree(heads, root_state, log_q, depth, topk, width, kind, state.generator)
                 order = sampled_order(pool)
             else:
                 kind = ProposalKind.POINT_MASS
-                pool, n = dynamic_tree(self.heads, root_state, log_q, depth, topk, width, self.config.min_prob)
+                pool, n = dynamic_tree(heads, root_state, log_q, depth, topk, width, self.config.min_prob)
                 order = torch.sort(pool.scores, descending=True, stable=True).indices
             self.forward_count += n
             budget, predicted = self._budget(pool.scores[order], t_start)
@@ -282,3 +283,11 @@ class CloverDrafter(HeadsDrafter):
 
     name = "clover"
     kind = "clover"
+
+
+@register_drafter
+class ChimeraDrafter(HeadsDrafter):
+    """Chimera's lightweight draft model (arXiv 2402.15758); see ``chimera.py``."""
+
+    name = "chimera"
+    kind = "chimera"

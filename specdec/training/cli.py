@@ -6,12 +6,14 @@ import argparse
 
 
 def add_parser(sub) -> argparse.ArgumentParser:
-    p = sub.add_parser("train", help="train Medusa / Hydra / Clover draft heads on the target's own answers",
+    p = sub.add_parser("train", help="train Medusa / Hydra / Clover / Chimera / DEER drafters on the target's own "
+                                     "answers",
                        description="Self-distillation: the target grows the shipped seed instructions, answers them "
                                    "greedily, and its hidden states and top-8 probabilities train the heads. Every "
                                    "stage resumes (--resume) from what is in --output.")
     p.add_argument("--target", required=True, help="target model name (specdec.models) or local HF folder")
-    p.add_argument("--kind", default="medusa,hydra,clover", help="comma-separated head kinds (one shared data run)")
+    p.add_argument("--kind", default="medusa,hydra,clover",
+                   help="comma-separated kinds: medusa, hydra, clover, chimera, deer (one shared data run)")
     p.add_argument("--output", required=True, help="folder for the data, feature cache, checkpoints and heads")
     p.add_argument("--preset", default=None, choices=["cpu", "gpu"], help="recipe preset (default: by --device)")
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
@@ -21,6 +23,13 @@ def add_parser(sub) -> argparse.ArgumentParser:
     p.add_argument("--num-prompts", type=int, help="prompts to answer")
     p.add_argument("--max-new-tokens", type=int, help="answer length cap")
     p.add_argument("--num-heads", type=int)
+    p.add_argument("--max-epochs", type=float, help="passes over the training split (cpu preset: 3)")
+    p.add_argument("--deer-block", type=int, help="deer: slots per block (default 8)")
+    p.add_argument("--deer-positions", type=int, help="deer: blocks drawn per sequence per step (default 64)")
+    p.add_argument("--deer-pretrain-fraction", type=float,
+                   help="deer: share of steps in stage I, diffusion pre-training (default 0.5)")
+    p.add_argument("--reuse-data", action="store_true",
+                   help="train on the feature cache already in --output (no new instructions or answers)")
     p.add_argument("--draft-vocab", type=int, help="FR-Spec draft vocabulary size (0: the full vocabulary)")
     p.add_argument("--seeds", help="seed instruction JSONL (default: the shipped one)")
     p.add_argument("--seed", type=int)
@@ -42,7 +51,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     changes = {"kinds": tuple(k.strip() for k in args.kind.split(",") if k.strip())}
     for flag, field in (("budget_minutes", "budget_minutes"), ("num_prompts", "num_prompts"),
                         ("max_new_tokens", "max_new_tokens"), ("num_heads", "num_heads"), ("seeds", "seeds"),
-                        ("seed", "seed")):
+                        ("seed", "seed"), ("max_epochs", "max_epochs"), ("deer_block", "deer_block"),
+                        ("deer_positions", "deer_positions"), ("deer_pretrain_fraction", "deer_pretrain_fraction")):
         if getattr(args, flag) is not None:
             changes[field] = getattr(args, flag)
     if args.draft_vocab is not None:
@@ -51,7 +61,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     target, _, tokenizer = load_models({"target": args.target, "dtype": args.dtype})
     if args.device == "cuda":
         target = target.to("cuda")
-    summary = train_heads(target, tokenizer, args.output, recipe, resume=args.resume, progress=not args.no_progress)
+    summary = train_heads(target, tokenizer, args.output, recipe, resume=args.resume, progress=not args.no_progress,
+                          reuse_data=args.reuse_data)
     for kind, info in summary["kinds"].items():
         after = info["held_out_after"]
         print(f"{kind}: {info['steps']} steps, {info['seconds']:.0f}s; held-out top-1 "

@@ -20,6 +20,9 @@ class TrainRecipe:
     num_heads: int = 4  # draft depth K; Medusa's and Hydra's recipes use 4-5, deeper heads rarely get accepted
     draft_vocab_size: int | None = 16384  # FR-Spec rows; 16k covers most answer tokens and halves the head matmul
     sizes: dict = field(default_factory=dict)  # kind-specific head sizes (build_heads **sizes); empty: defaults
+    deer_block: int = 8  # deer: slots per block (its num_heads)
+    deer_positions: int = 64  # deer: blocks per sequence per step (positions drawn at random)
+    deer_pretrain_fraction: float = 0.5  # deer: share of steps in stage I (diffusion pre-training), then stage II
     # --- data
     seeds: str | None = None  # seed instruction JSONL; None: the shipped data/seed_tasks.jsonl
     grow_requests: int = 400  # self-instruct requests (~8 new instructions each); 0: seeds only. On CPU the growth
@@ -54,9 +57,13 @@ class TrainRecipe:
     data_share: float = 0.6  # of the budget for growth + answers + features; training gets the rest
 
     def __post_init__(self) -> None:
-        bad = [k for k in self.kinds if k not in ("medusa", "hydra", "clover")]
+        from specdec.drafters.heads.config import KINDS
+
+        bad = [k for k in self.kinds if k not in KINDS]
         if bad or not self.kinds:
-            raise InvalidInputError(f"unknown head kind(s) {bad or '(none)'}; choose from medusa, hydra, clover")
+            raise InvalidInputError(f"unknown head kind(s) {bad or '(none)'}; choose from {', '.join(KINDS)}")
+        if self.deer_block < 1 or self.deer_positions < 1 or not 0.0 <= self.deer_pretrain_fraction <= 1.0:
+            raise InvalidInputError("deer_block and deer_positions must be >= 1 and deer_pretrain_fraction in [0, 1]")
         if self.num_heads < 1 or self.top_k < 1 or self.batch_size < 1 or self.chunk_size < 1:
             raise InvalidInputError("num_heads, top_k, batch_size and chunk_size must be >= 1")
         if not 0.0 <= self.soft_weight <= 1.0 or not 0.0 < self.data_share < 1.0:

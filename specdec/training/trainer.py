@@ -25,7 +25,7 @@ import torch
 
 from specdec.files import write_atomic
 from specdec.training.batches import collate
-from specdec.training.loss import head_losses, rank_hits
+from specdec.training.loss import HeadsObjective
 from specdec.training.recipe import TrainRecipe
 
 CHECKPOINT = "checkpoint.pt"
@@ -66,6 +66,15 @@ def batch_at(train: list, step: int, batch_size: int, seed: int) -> list:
     return [train[j] for j in order[i * batch_size:(i + 1) * batch_size]]
 
 
+def objective_for(heads):
+    """DEER trains its block with the two-stage diffusion objective; every other kind with the heads' loss."""
+    if heads.config.kind == "deer":
+        from specdec.training.diffusion import DiffusionObjective
+
+        return DiffusionObjective()
+    return HeadsObjective()
+
+
 def _autocast(enabled: bool, device: torch.device):
     return torch.autocast(device.type, dtype=torch.bfloat16) if enabled else contextlib.nullcontext()
 
@@ -78,9 +87,8 @@ def evaluate(heads, held_out: list, recipe: TrainRecipe, device: torch.device) -
     for start in range(0, len(held_out), recipe.batch_size):
         batch = collate(held_out[start:start + recipe.batch_size])
         with _autocast(recipe.bf16_autocast, device):
-            logits = heads.training_logits(batch.hidden.to(device), batch.tokens.to(device))
-        loss_sum += float(head_losses(logits, batch, heads.vocab, recipe.head_decay, recipe.soft_weight).total)
-        h, c = rank_hits(logits, batch, heads.vocab)
+            loss, h, c = objective_for(heads).score(heads, batch, recipe, device)
+        loss_sum += loss
         hits, counts, batches = hits + h, counts + c, batches + 1
     acc = hits / counts.clamp_min(1)[:, None]
     heads.train()
@@ -102,6 +110,7 @@ def train_heads_on(heads, train: list, held_out: list, recipe: TrainRecipe, fold
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     device = next(heads.parameters()).device
+    objective = objective_for(heads)
     params = [p for p in heads.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=recipe.lr, weight_decay=recipe.weight_decay)
     path = folder / CHECKPOINT
@@ -143,8 +152,7 @@ def train_heads_on(heads, train: list, held_out: list, recipe: TrainRecipe, fold
                 break
             batch = collate(batch_at(train, step, recipe.batch_size, recipe.seed))
             with _autocast(recipe.bf16_autocast, device):
-                logits = heads.training_logits(batch.hidden.to(device), batch.tokens.to(device))
-                loss = head_losses(logits, batch, heads.vocab, recipe.head_decay, recipe.soft_weight)
+                loss = objective.loss(heads, batch, recipe, device, step / total, generator)
             optimizer.zero_grad(set_to_none=True)
             loss.total.backward()
             torch.nn.utils.clip_grad_norm_(params, recipe.grad_clip)
@@ -184,8 +192,7 @@ def _steps_that_fit(heads, train, recipe, device, deadline: float, held_out: int
         batch = collate(batch_at(train, s, recipe.batch_size, recipe.seed))
         t = time.perf_counter()
         with _autocast(recipe.bf16_autocast, device):
-            logits = heads.training_logits(batch.hidden.to(device), batch.tokens.to(device))
-            loss = head_losses(logits, batch, heads.vocab, recipe.head_decay, recipe.soft_weight)
+            loss = objective_for(heads).loss(heads, batch, recipe, device, 0.0, torch.Generator().manual_seed(s))
         loss.total.backward()
         times.append(time.perf_counter() - t)
     heads.zero_grad(set_to_none=True)

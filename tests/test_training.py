@@ -197,7 +197,29 @@ def test_recipe_and_cli_reject_unknown_kinds():
     from specdec.cli import build_parser
     from specdec.errors import InvalidInputError
 
-    with pytest.raises(InvalidInputError, match="medusa, hydra, clover"):
+    with pytest.raises(InvalidInputError, match="medusa, hydra, clover, chimera, deer"):
         TrainRecipe(kinds=("eagle",))
     args = build_parser().parse_args(["train", "--target", "t", "--output", "o", "--kind", "medusa"])
     assert args.command == "train" and args.kind == "medusa"
+
+
+def test_reuse_data_trains_another_kind_without_new_answers(tmp_path, monkeypatch):
+    """``train_heads(..., reuse_data=True)`` trains more kinds on the feature cache of an earlier run: nothing is
+    answered or grown again, and the summary keeps the earlier kinds beside the new ones."""
+    from specdec.drafters.heads import load_heads
+    from specdec.errors import InvalidInputError
+    from specdec.training import train_heads
+
+    model, tok = tiny_model("qwen2"), word_tokenizer()
+    recipe = RECIPE.replace(max_epochs=1, eval_every=5, deer_block=3)
+    with pytest.raises(InvalidInputError, match="holds no feature cache; run `specdec train` without --reuse-data"):
+        train_heads(model, tok, tmp_path, recipe, progress=False, reuse_data=True)
+    train_heads(model, tok, tmp_path, recipe, progress=False, prompts=_prompts(24, seed=7))
+    monkeypatch.setattr(answers_mod, "greedy_generate", lambda *a, **k: pytest.fail("answered again"))
+    monkeypatch.setattr(answers_mod, "forward_features", lambda *a, **k: pytest.fail("features again"))
+    summary = train_heads(model, tok, tmp_path, recipe.replace(kinds=("deer",)), progress=False, reuse_data=True)
+    assert set(summary["kinds"]) == {"medusa", "deer"} and summary["prompts"] == 24
+    assert json.loads((tmp_path / "summary.json").read_text())["kinds"].keys() == {"medusa", "deer"}
+    deer = load_heads(tmp_path / "heads-deer", model)
+    assert deer.kind == "deer" and deer.block_size == 3
+    assert deer.config.recipe["data_files"]["answers.jsonl"]["rows"] == 24

@@ -67,3 +67,19 @@ def without_replacement_drafts(q: torch.Tensor, k: int):
             prob *= float(q[x]) / left
             left -= float(q[x])
         yield torch.tensor(tokens), prob
+
+
+# ---------------------------------------------------------------------------------------------- a wrong rule
+def claim_uniform_q(drafter, vocab_size: int) -> None:
+    """Make ``drafter`` misreport its proposals' q as uniform while still drawing from its own q: a lossless rule
+    fed this must fail the distribution tests that pass with the true q."""
+    from specdec.tree import DraftTree
+
+    propose = drafter.propose
+
+    def claim_uniform(state):
+        tree = propose(state)
+        probs = None if tree.draft_probs is None else torch.full_like(tree.draft_probs, 1 / vocab_size)
+        return DraftTree(tree.tokens, tree.parents, probs, tree.proposal)
+
+    drafter.propose = claim_uniform

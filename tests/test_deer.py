@@ -8,10 +8,9 @@ import pytest
 import torch
 from transformers.generation.logits_process import LogitsProcessorList, TemperatureLogitsWarper
 
-from distributions import Z_09995, chi_square, follows
+from distributions import Z_09995, chi_square, claim_uniform_q, follows
 from specdec import InvalidInputError, SpecEngine
 from specdec.drafters import create_drafter
-from specdec.tree import DraftTree
 from specdec.training.batches import Batch
 from specdec.training.diffusion import gather, noise, positions
 from tiny_heads import perturbed_heads
@@ -58,14 +57,7 @@ def test_sampled_blocks_follow_the_target(case):
     drafter = _drafter(target, steps=2 if case == "two-steps" else 1, budget=3)
     trees = _recording(drafter)
     if case.startswith("broken"):
-        propose = drafter.propose
-
-        def claim_uniform(state):
-            tree = propose(state)
-            probs = None if tree.draft_probs is None else torch.full_like(tree.draft_probs, 1 / V)
-            return DraftTree(tree.tokens, tree.parents, probs, tree.proposal)
-
-        drafter.propose = claim_uniform
+        claim_uniform_q(drafter, V)
     engine = SpecEngine(target, drafter, "rejection")
     prompt = torch.tensor([[3, 5, 4, 7, 3, 6]])
     g = torch.Generator().manual_seed(5)

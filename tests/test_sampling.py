@@ -23,7 +23,8 @@ from transformers.generation.logits_process import (LogitsProcessorList, MinPLog
                                                     RepetitionPenaltyLogitsProcessor, TemperatureLogitsWarper,
                                                     TopKLogitsWarper, TopPLogitsWarper)
 
-from distributions import Z_09995, chi_square, follows, iid_drafts, total_variation, without_replacement_drafts
+from distributions import (Z_09995, chi_square, claim_uniform_q, follows, iid_drafts, total_variation,
+                           without_replacement_drafts)
 from specdec import InvalidInputError, SpecEngine
 from specdec.budget import ForwardCosts
 from specdec.drafters import create_drafter
@@ -465,14 +466,7 @@ def test_heads_drafters_three_token_distribution(case):
     drafter = create_drafter(kind, target=target, heads=perturbed_heads(kind, target, draft_vocab=vocab, scale=3.0),
                              **options)
     if case.startswith("broken"):
-        propose = drafter.propose
-
-        def claim_uniform(state):
-            tree = propose(state)
-            probs = None if tree.draft_probs is None else torch.full_like(tree.draft_probs, 1 / V_E2E)
-            return DraftTree(tree.tokens, tree.parents, probs, tree.proposal)
-
-        drafter.propose = claim_uniform
+        claim_uniform_q(drafter, V_E2E)
     counts, expected = _three_token_counts(SpecEngine(target, drafter, verifier), target, kwargs)
     results = [follows(counts.sum(dim=dims), expected.sum(dim=dims), z=Z_09995) for dims in [(2,), (0,)]]
     assert all(results) != case.startswith("broken"), [chi_square(counts.sum(dim=dims), expected.sum(dim=dims))

@@ -33,5 +33,9 @@ test -s "$WORK/out/results.json"
 "$BIN/python" -c "from specdec.benchmarks.prompts import read_prompts; assert len(read_prompts()) == 480"
 "$BIN/specdec" train-acceptance --help > /dev/null
 "$BIN/python" -c "from specdec.drafters.acceptance.head import SHIPPED; assert list(SHIPPED.glob('*/acceptance.safetensors'))"
-"$BIN/python" -c "from specdec.drafters.heads.drafter import SHIPPED; assert list(SHIPPED.glob('*/heads.safetensors'))"
+"$BIN/python" -c "
+from specdec.drafters.heads.drafter import SHIPPED
+kinds = {p.parent.name.rsplit('-', 1)[1] for p in SHIPPED.glob('*/heads.safetensors')}
+assert kinds >= {'medusa', 'hydra', 'clover', 'chimera', 'deer'}, kinds"
+"$BIN/specdec" train --help | grep -q -- "--reuse-data"
 echo "wheel smoke: ok"

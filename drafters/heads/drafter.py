@@ -1,4 +1,5 @@
-"""The ``medusa``, ``hydra``, ``clover`` and ``chimera`` drafters: trained draft heads on the target's last hidden states.
+"""The ``medusa``, ``hydra``, ``clover`` and ``chimera`` drafters: trained draft heads on the target's last hidden
+states (``deer``, a block drafter on the same heads machinery, is in ``deer_drafter.py``).
 
 ``create_drafter("medusa", target=target, heads=PATH | DraftHeads | None, **options)``. With ``heads=None`` the
 heads shipped for this target are used (``weights/<name>/`` in this package, matched by kind and the target's

@@ -1,5 +1,8 @@
 """Training one kind of draft heads on the cached features, with resumable checkpoints.
 
+What a step minimises comes from the kind's objective (``objective_for``): the heads' loss (``loss.py``) for the
+tree heads, DEER's two-stage block objective (``diffusion.py``) for ``deer``; the loop below is shared.
+
 AdamW, linear warm-up then cosine decay to ``min_lr_fraction`` (Medusa-1: cosine, warm-up; lr 1e-3), global
 grad-norm clipping, optional bf16 autocast, an evaluation on the held-out split every ``eval_every`` steps
 (loss, per-head top-1/top-5 agreement with the target's greedy token) and early stopping when the held-out loss

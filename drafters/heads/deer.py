@@ -22,7 +22,7 @@ Where we differ from the paper, and why:
   prefix + block without a KV cache. Ours is a 10M-parameter block transformer that reads the target's last
   hidden state instead of re-encoding the prefix. On 2 CPU cores a 0.5B drafter costs about a third of the 1.5B
   target per pass, and we have no model hub to fetch a dLLM from. The prefix is summarised by H_t, as in Medusa,
-  so a pass costs ~1 ms plus the LM-head rows.
+  so a drafting step costs ~11 ms on the Qwen 1.5B (the pass, 8 LM-head rows, the softmax over the vocabulary).
 - **Block size.** Ours is K = ``num_heads`` (8 by default) slots, against the paper's 32. Our small drafter's
   accuracy beyond 8 tokens is too low to pay for verifying them.
 - **Training.** The two stages are DEER's D2A alignment, adapted to a fixed-size block

@@ -25,9 +25,9 @@ def add_parser(sub) -> argparse.ArgumentParser:
     p.add_argument("--num-heads", type=int)
     p.add_argument("--max-epochs", type=float, help="passes over the training split (cpu preset: 3)")
     p.add_argument("--deer-block", type=int, help="deer: slots per block (default 8)")
-    p.add_argument("--deer-positions", type=int, help="deer: blocks drawn per sequence per step (default 64)")
+    p.add_argument("--deer-positions", type=int, help="deer: blocks drawn per sequence per step (default 256)")
     p.add_argument("--deer-pretrain-fraction", type=float,
-                   help="deer: share of steps in stage I, diffusion pre-training (default 0.5)")
+                   help="deer: share of steps in stage I, diffusion pre-training (default 0.3)")
     p.add_argument("--reuse-data", action="store_true",
                    help="train on the feature cache already in --output (no new instructions or answers)")
     p.add_argument("--draft-vocab", type=int, help="FR-Spec draft vocabulary size (0: the full vocabulary)")

@@ -21,8 +21,9 @@ class TrainRecipe:
     draft_vocab_size: int | None = 16384  # FR-Spec rows; 16k covers most answer tokens and halves the head matmul
     sizes: dict = field(default_factory=dict)  # kind-specific head sizes (build_heads **sizes); empty: defaults
     deer_block: int = 8  # deer: slots per block (its num_heads)
-    deer_positions: int = 64  # deer: blocks per sequence per step (positions drawn at random)
-    deer_pretrain_fraction: float = 0.5  # deer: share of steps in stage I (diffusion pre-training), then stage II
+    deer_positions: int = 256  # deer: blocks per sequence per step (positions drawn at random; 256: about all of
+    #                            them on the CPU preset's data; 64 learned far less per step, docs/training.md)
+    deer_pretrain_fraction: float = 0.3  # deer: share of steps in stage I (diffusion pre-training), then stage II
     # --- data
     seeds: str | None = None  # seed instruction JSONL; None: the shipped data/seed_tasks.jsonl
     grow_requests: int = 400  # self-instruct requests (~8 new instructions each); 0: seeds only. On CPU the growth

@@ -74,16 +74,22 @@ def test_sampled_blocks_follow_the_target(case):
 
 
 # ---------------------------------------------------------------------------------------------- drafting
+def _greedy_trees(target, new_tokens: int, **options) -> list:
+    """The proposals of a greedy generation with these options, after checking it equals the target's own."""
+    drafter = _drafter(target, **options)
+    trees = _recording(drafter)
+    result = SpecEngine(target, drafter).generate(tiny_prompt(), max_new_tokens=new_tokens, eos_token_id=None)
+    assert torch.equal(result.sequences, greedy_reference(target, tiny_prompt(), new_tokens))
+    return trees
+
+
 def test_segments_condition_on_earlier_slots():
     """steps=1 fills every slot from the prefix alone; steps=4 fills them one by one, each seeing the slots before
     it: the first slot agrees, later ones may differ, and every proposal is a chain of point masses."""
     target = tiny_model("qwen2")
     blocks = {}
     for steps in (1, 4):
-        drafter = _drafter(target, steps=steps, budget=4)
-        trees = _recording(drafter)
-        result = SpecEngine(target, drafter).generate(tiny_prompt(), max_new_tokens=12, eos_token_id=None)
-        assert torch.equal(result.sequences, greedy_reference(target, tiny_prompt(), 12))
+        trees = _greedy_trees(target, 12, steps=steps, budget=4)
         assert torch.equal(trees[0].parents, torch.arange(-1, trees[0].size - 1))
         blocks[steps] = trees[0].tokens
     assert blocks[1][0] == blocks[4][0] and not torch.equal(blocks[1], blocks[4])
@@ -93,11 +99,7 @@ def test_confidence_cut_and_fixed_length():
     target = tiny_model("gemma3")
     sizes = {}
     for confidence in (0.0, 1.0):
-        drafter = _drafter(target, confidence=confidence, budget=4)
-        trees = _recording(drafter)
-        result = SpecEngine(target, drafter).generate(tiny_prompt(), max_new_tokens=10, eos_token_id=None)
-        assert torch.equal(result.sequences, greedy_reference(target, tiny_prompt(), 10))
-        sizes[confidence] = [t.size for t in trees]
+        sizes[confidence] = [t.size for t in _greedy_trees(target, 10, confidence=confidence, budget=4)]
     assert sizes[1.0] == [0] * len(sizes[1.0])  # no slot is certain: nothing is drafted, plain decoding
     assert max(sizes[0.0]) == 4  # the fixed length caps the block
 

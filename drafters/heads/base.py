@@ -142,6 +142,20 @@ class ResBlock(nn.Module):
         return x + nn.functional.silu(self.linear(x))
 
 
+class ResidualMLP:
+    """The pre-norm SwiGLU MLP that the sequence and block layers (Clover, Chimera, DEER) end with, as a mixin so
+    that its parameters keep their names (``norm2``, ``gate_up``, ``down``) in saved heads."""
+
+    def build_mlp(self, size: int, mlp: int) -> None:
+        self.norm2 = nn.RMSNorm(size, eps=1e-6)
+        self.gate_up = nn.Linear(size, 2 * mlp, bias=False)
+        self.down = nn.Linear(mlp, size, bias=False)
+
+    def mlp_residual(self, h: torch.Tensor) -> torch.Tensor:
+        gate, up = self.gate_up(self.norm2(h)).chunk(2, dim=-1)
+        return h + self.down(nn.functional.silu(gate) * up)
+
+
 def normal_(t: torch.Tensor, std: float, generator: torch.Generator | None) -> None:
     with torch.no_grad():
         t.normal_(0.0, std, generator=generator)

@@ -32,7 +32,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from specdec.drafters.heads.base import DraftHeads, normal_
+from specdec.drafters.heads.base import DraftHeads, ResidualMLP, normal_
 from specdec.drafters.heads.clover_blocks import rotate
 from specdec.drafters.heads.config import HeadsConfig
 
@@ -52,7 +52,7 @@ class ContextCache:
         return 0 if self.keys is None else self.keys.shape[2]
 
 
-class ContextLayer(nn.Module):
+class ContextLayer(ResidualMLP, nn.Module):
     """One pre-norm decoder layer whose queries (trigram vectors) attend over the committed target states.
 
     Query (t, j) sits at position t + 1 + j and sees keys at positions <= t. Its output projection and MLP down
@@ -68,9 +68,7 @@ class ContextLayer(nn.Module):
         self.q = nn.Linear(d, inner, bias=False)
         self.kv = nn.Linear(d, 2 * inner, bias=False)
         self.out = nn.Linear(inner, d, bias=False)
-        self.norm2 = nn.RMSNorm(d, eps=1e-6)
-        self.gate_up = nn.Linear(d, 2 * mlp, bias=False)
-        self.down = nn.Linear(mlp, d, bias=False)
+        self.build_mlp(d, mlp)
 
     def init_weights(self, generator: torch.Generator | None) -> None:
         d = self.q.in_features
@@ -94,8 +92,7 @@ class ContextLayer(nn.Module):
         q = self.q(self.norm_q(g)).view(b, n, self.heads, self.head_dim).transpose(1, 2)
         attn = nn.functional.scaled_dot_product_attention(rotate(q, positions), keys, values, attn_mask=mask)
         h = g + self.out(attn.transpose(1, 2).reshape(b, n, -1))
-        gate, up = self.gate_up(self.norm2(h)).chunk(2, dim=-1)
-        return h + self.down(nn.functional.silu(gate) * up)
+        return self.mlp_residual(h)
 
 
 class ChimeraHeads(DraftHeads):

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from specdec.drafters.heads.base import normal_, uniform_
+from specdec.drafters.heads.base import ResidualMLP, normal_, uniform_
 
 
 class CosineGate(nn.Module):
@@ -68,7 +68,7 @@ def rotate(x: torch.Tensor, positions: torch.Tensor, base: float = 10000.0) -> t
     return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1)
 
 
-class AugmentingBlock(nn.Module):
+class AugmentingBlock(ResidualMLP, nn.Module):
     """One pre-norm causal decoder layer over the sequence (RoPE attention with ``heads`` x ``head_dim`` inner size,
     SwiGLU MLP of width ``mlp``); output projections zero-initialised (the identity at init).
 
@@ -83,9 +83,7 @@ class AugmentingBlock(nn.Module):
         self.norm1 = nn.RMSNorm(d, eps=1e-6)
         self.qkv = nn.Linear(d, 3 * inner, bias=False)
         self.out = nn.Linear(inner, d, bias=False)
-        self.norm2 = nn.RMSNorm(d, eps=1e-6)
-        self.gate_up = nn.Linear(d, 2 * mlp, bias=False)
-        self.down = nn.Linear(mlp, d, bias=False)
+        self.build_mlp(d, mlp)
 
     def init_weights(self, generator: torch.Generator | None) -> None:
         d = self.qkv.in_features
@@ -112,5 +110,4 @@ class AugmentingBlock(nn.Module):
         causal = torch.ones(t, start + t, dtype=torch.bool, device=x.device).tril_(start)  # [T, start + T]
         attn = nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=causal)  # [B, H, T, hd]
         h = x + self.out(attn.transpose(1, 2).reshape(b, t, -1))
-        gate, up = self.gate_up(self.norm2(h)).chunk(2, dim=-1)
-        return h + self.down(nn.functional.silu(gate) * up)
+        return self.mlp_residual(h)

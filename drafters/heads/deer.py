@@ -34,13 +34,13 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from specdec.drafters.heads.base import DraftHeads, ResBlock, normal_
+from specdec.drafters.heads.base import DraftHeads, ResBlock, ResidualMLP, normal_
 from specdec.drafters.heads.config import HeadsConfig
 
 DEFAULTS = {"inner_size": 512, "num_layers": 2, "num_attention_heads": 8, "mlp_size": 1024}
 
 
-class BlockLayer(nn.Module):
+class BlockLayer(ResidualMLP, nn.Module):
     """A pre-norm transformer layer with full attention over the block (no mask) and a SwiGLU MLP."""
 
     def __init__(self, size: int, heads: int, mlp: int):
@@ -50,9 +50,7 @@ class BlockLayer(nn.Module):
         self.norm1 = nn.RMSNorm(size, eps=1e-6)
         self.qkv = nn.Linear(size, 3 * size, bias=False)
         self.out = nn.Linear(size, size, bias=False)
-        self.norm2 = nn.RMSNorm(size, eps=1e-6)
-        self.gate_up = nn.Linear(size, 2 * mlp, bias=False)
-        self.down = nn.Linear(mlp, size, bias=False)
+        self.build_mlp(size, mlp)
 
     def init_weights(self, generator: torch.Generator | None) -> None:
         size = self.qkv.in_features
@@ -68,8 +66,7 @@ class BlockLayer(nn.Module):
         q, k, v = self.qkv(self.norm1(x)).view(b, n, 3, self.heads, -1).permute(2, 0, 3, 1, 4)
         attn = nn.functional.scaled_dot_product_attention(q, k, v)  # [B, H, n, hd], bidirectional
         h = x + self.out(attn.transpose(1, 2).reshape(b, n, size))
-        gate, up = self.gate_up(self.norm2(h)).chunk(2, dim=-1)
-        return h + self.down(nn.functional.silu(gate) * up)
+        return self.mlp_residual(h)
 
 
 class DeerHeads(DraftHeads):

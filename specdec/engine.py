@@ -14,6 +14,8 @@ from dataclasses import dataclass
 
 import torch
 
+from specdec.arguments import as_count, check_drafter
+from specdec.concurrency import one_generation_at_a_time
 from specdec.drafters.base import Drafter
 from specdec.errors import IncompatibleModelsError, InvalidInputError
 from specdec.overlap import OverlapRounds, check_can_overlap, drafter_device, split_threads
@@ -49,6 +51,7 @@ class SpecEngine:
         current one (PEARL; :mod:`specdec.overlap`). ``threads``: (target, draft) torch threads in that mode; by
         default this process's threads are split between the two (the target keeps them all when the drafter
         runs on an accelerator)."""
+        check_drafter(drafter)
         self.target = target
         self.runner = CausalLMRunner(target)
         self.drafter = drafter
@@ -65,6 +68,7 @@ class SpecEngine:
         self.threads = threads
 
     # ------------------------------------------------------------------ public API
+    @one_generation_at_a_time
     def generate(self, input_ids: torch.Tensor, max_new_tokens: int = 128, eos_token_id=_FROM_CONFIG,
                  stop_strings: "str | list[str] | None" = None, tokenizer=None, do_sample: bool = False,
                  temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None,
@@ -78,7 +82,13 @@ class SpecEngine:
         switch a processor off (unlike HF generate, no value is taken from the model's generation config: HF
         falls back to ``generation_config.top_k``, 50 unless set). Random numbers come only from ``generator``
         (a fresh, randomly seeded one when None), so a seeded generator gives a reproducible output.
+
+        Thread safety: calls from several threads are safe and run one at a time: a call waits for the running one
+        on the same target model or drafter to finish (:mod:`specdec.concurrency`). Engines on different models run
+        concurrently. A call from inside a running call on the same thread (e.g. from a streamer) raises
+        ``ConcurrentUseError``.
         """
+        max_new_tokens = as_count(max_new_tokens, "max_new_tokens")
         if eos_token_id is _FROM_CONFIG:
             config = getattr(self.target, "generation_config", None)
             eos_token_id = getattr(config, "eos_token_id", None)

@@ -44,3 +44,15 @@ class CorruptHeadsError(SpecDecError, RuntimeError):
 
 class HeadsConfigError(SpecDecError, ValueError):
     """A draft-heads config that its tensors (or the target) do not match; the message names the tensor or field."""
+
+
+class ConcurrentUseError(SpecDecError, RuntimeError):
+    """A generate() call that would interleave with a running one on the same model (a same-thread re-entry)."""
+
+
+class UnsafeFileError(SpecDecError, ValueError):
+    """A file that cannot be read safely: a pickle that would run code, or a path that leaves its folder."""
+
+
+class KernelBuildError(SpecDecError, RuntimeError):
+    """The CPU kernels could not be built (a build that timed out, failed or waited too long on another one)."""

@@ -11,17 +11,26 @@ from dataclasses import dataclass
 
 import torch
 
+from specdec.arguments import as_count
 from specdec.errors import InvalidInputError
 
 
 def normalize_eos(eos_token_id) -> list[int]:
+    """``eos_token_id`` (None, an int, a list of ints or an integer tensor, as HF takes it) as a list of ints."""
     if eos_token_id is None:
         return []
     if isinstance(eos_token_id, torch.Tensor):
+        if eos_token_id.dtype.is_floating_point or eos_token_id.dtype == torch.bool:
+            raise InvalidInputError(f"eos_token_id must hold integer token ids, got a {eos_token_id.dtype} tensor")
         return [int(x) for x in eos_token_id.flatten().tolist()]
-    if isinstance(eos_token_id, int):
-        return [eos_token_id]
-    return [int(x) for x in eos_token_id]
+    items = [eos_token_id] if isinstance(eos_token_id, (int, str)) or not hasattr(eos_token_id, "__iter__") \
+        else list(eos_token_id)
+    ids = [as_count(x, "eos_token_id") for x in items]
+    bad = [x for x in ids if not isinstance(x, int) or isinstance(x, bool) or x < 0]
+    if bad:
+        raise InvalidInputError(f"eos_token_id must be None, a token id (an int >= 0) or a list of them, got "
+                                f"{eos_token_id!r}; to stop on text use stop_strings=[...]")
+    return ids
 
 
 @dataclass

@@ -51,6 +51,7 @@ from specdec.drafters.base import Drafter
 from specdec.draft_length import POLICIES, DepthSignal, StopReason, create_length_policy
 from specdec.drafters.sampled_pool import grow_sampled_pool, sampled_order
 from specdec.errors import IncompatibleModelsError, InvalidInputError
+from specdec.finite import check_draft_distribution
 from specdec.memory import release_memory
 from specdec.runner import CausalLMRunner
 from specdec.sampling import drafter_logits, seen_mask
@@ -391,6 +392,7 @@ class DraftModelDrafter(Drafter):
 
         # no length policy: a sampled token is accepted with probability ~1 - TV(p, q), not ~q(x); drafts go to depth
         root_log_q = self._log_q(root_logits[None], state)[0]  # [V]
+        check_draft_distribution(root_log_q, self.runner.model)
         pool = grow_sampled_pool(root_log_q, expand, depth, topk, width, kind, state.generator)
         order = sampled_order(pool)  # whole sibling groups by their parent's score, the last one cut by draw rank
         predicted = None

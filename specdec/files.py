@@ -48,3 +48,33 @@ def sha256_of(path: "str | os.PathLike") -> str:
         for block in iter(lambda: f.read(1 << 20), b""):
             digest.update(block)
     return digest.hexdigest()
+
+
+def load_tensors(path: "str | os.PathLike", what: str):
+    """Read a ``torch.save`` file of tensors, numbers, strings and containers with ``weights_only=True``: a pickle
+    that would build any other object (and so could run code) is refused before it runs, naming the file."""
+    import pickle
+
+    import torch
+
+    from specdec.errors import UnsafeFileError
+
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise UnsafeFileError(f"{path} is not a plain {what}: it holds objects other than tensors and numbers, which "
+                              f"could run code when loaded, so it was not loaded ({first}); delete it if you did not "
+                              "write it") from exc
+
+
+def file_in_folder(folder: "str | os.PathLike", name, listed_in: str) -> Path:
+    """``folder / name`` for a file name read from an index file (``listed_in``): a bare name only, never an
+    absolute path, a ``..`` or a sub-folder, so a crafted index cannot make us read files outside ``folder``."""
+    from specdec.errors import UnsafeFileError
+
+    if not isinstance(name, str) or not name or name in (".", "..") or "/" in name or "\\" in name \
+            or os.path.isabs(name) or "\x00" in name:
+        raise UnsafeFileError(f"{Path(folder) / listed_in} lists the file {name!r}, which is not a plain file name in "
+                              f"{folder}; files it names must sit in that folder (e.g. 'heads.safetensors')")
+    return Path(folder) / name

@@ -83,7 +83,7 @@ def test_checkpoint_resume_matches_uninterrupted_run(data, tmp_path):
     full = run(tmp_path / "full")
     partial = run(tmp_path / "cut", stop_after=7)  # "killed" at step 7: the checkpoint holds step 5
     assert partial.stopped == "interrupted" and partial.steps == 7
-    assert torch.load(tmp_path / "cut" / "checkpoint.pt", weights_only=False)["step"] == 5
+    assert torch.load(tmp_path / "cut" / "checkpoint.pt", weights_only=True)["step"] == 5
     resumed = run(tmp_path / "cut")
     assert resumed.steps == full.steps == full.planned_steps
     for (name, a), (_, b) in zip(full.heads.state_dict().items(), resumed.heads.state_dict().items()):

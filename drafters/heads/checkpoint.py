@@ -28,7 +28,8 @@ from specdec.drafters.heads.hydra import HydraHeads
 from specdec.drafters.heads.medusa import MedusaHeads
 from specdec.drafters.heads.vocab import DraftVocab
 from specdec.errors import CorruptHeadsError, HeadsConfigError, HeadsTargetMismatchError
-from specdec.files import sha256_of, write_atomic
+from specdec.files import file_in_folder, sha256_of, write_atomic
+from specdec.finite import check_finite
 
 HEAD_CLASSES: dict[str, type[DraftHeads]] = {cls.kind: cls for cls in (MedusaHeads, HydraHeads, CloverHeads,
                                                                         ChimeraHeads, DeerHeads)}
@@ -90,12 +91,13 @@ def load_heads(folder: "str | os.PathLike", target: torch.nn.Module, dtype: torc
                                        f"({difference}); retrain them with `specdec train --target {name}`")
     tensors: dict[str, torch.Tensor] = {}
     for name, digest in sorted(index.get("files", {}).items()):
-        tensors.update(_read_tensors(folder / name, digest))
+        tensors.update(_read_tensors(file_in_folder(folder, name, CONFIG_FILE), digest))
     ids = tensors.pop(VOCAB_KEY, None)
     weight = target.get_output_embeddings().weight
     vocab = DraftVocab.full(config.vocab_size) if ids is None else _vocab(ids, config, folder)
     heads = _empty(config)
     _check_shapes(heads, tensors, folder)
+    check_finite(tensors.items(), f"the {config.kind} heads in {folder}", CorruptHeadsError)
     heads.load_state_dict(tensors)
     heads = heads.to(device=weight.device, dtype=dtype or weight.dtype)
     return heads.attach(target, vocab)

@@ -36,6 +36,7 @@ from specdec.drafters.heads.fingerprint import fingerprint_difference, target_fi
 from specdec.drafters.heads.trees import Pool, dynamic_tree, sampled_tree, static_tree
 from specdec.drafters.sampled_pool import sampled_order
 from specdec.errors import HeadsTargetMismatchError, InvalidInputError
+from specdec.finite import check_finite
 from specdec.sampling import drafter_logits, seen_mask
 from specdec.state import DecodeState, StepOutcome
 from specdec.tree import DraftTree, ProposalKind
@@ -120,6 +121,7 @@ class HeadsDrafter(Drafter):
                                         f"use create_drafter({heads.kind!r}, ...)")
             if heads._embedding is not target.get_input_embeddings():
                 heads.attach(target, heads.vocab)
+            check_finite(heads.named_parameters(), f"the given {heads.kind} heads")
             return heads, "given"
         if heads is not None:
             loaded = load_heads(heads, target)

@@ -26,7 +26,7 @@ from pathlib import Path
 
 import torch
 
-from specdec.files import write_atomic
+from specdec.files import load_tensors, write_atomic
 from specdec.training.batches import collate
 from specdec.training.loss import HeadsObjective
 from specdec.training.recipe import TrainRecipe
@@ -117,7 +117,7 @@ def train_heads_on(heads, train: list, held_out: list, recipe: TrainRecipe, fold
     params = [p for p in heads.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=recipe.lr, weight_decay=recipe.weight_decay)
     path = folder / CHECKPOINT
-    state = torch.load(path, weights_only=False) if resume and path.is_file() else None
+    state = load_tensors(path, "training checkpoint") if resume and path.is_file() else None
     if state is not None:
         heads.load_state_dict(state["heads"])
         optimizer.load_state_dict(state["optimizer"])

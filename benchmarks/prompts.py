@@ -48,6 +48,9 @@ def read_prompts(path: str | Path | None = None) -> list[Prompt]:
 
 def select(prompts: list[Prompt], categories: list[str] | None = None, limit: int | None = None) -> list[Prompt]:
     """Prompts of the given (main or sub) categories, ``limit`` in all, taken round-robin across categories."""
+    if limit is not None and (not isinstance(limit, int) or isinstance(limit, bool) or limit < 1):
+        raise InvalidInputError(f"limit must be an integer >= 1 (the number of prompts), got {limit!r}; leave it unset "
+                                "for every prompt")
     known = {p.category for p in prompts} | {p.main_category for p in prompts}
     wanted = set(categories or []) - {"all"}
     unknown = wanted - known

@@ -6,6 +6,7 @@ Register a new drafter with ``@register_drafter`` on its class; the exactness te
 from __future__ import annotations
 
 from specdec.drafters.base import Drafter
+from specdec.drafters.options import check_options
 from specdec.errors import UnknownNameError
 
 _REGISTRY: dict[str, type[Drafter]] = {}
@@ -27,8 +28,11 @@ def drafter_class(name: str) -> type[Drafter]:
 
 
 def create_drafter(name: str, target, **options) -> Drafter:
-    """Build the drafter ``name`` for ``target`` (an HF causal LM); ``options`` go to its constructor."""
-    return drafter_class(name)(target=target, **options)
+    """Build the drafter ``name`` for ``target`` (an HF causal LM); ``options`` go to its constructor, checked by
+    name and type first (:mod:`specdec.drafters.options`)."""
+    cls = drafter_class(name)
+    check_options(name, cls, options)
+    return cls(target=target, **options)
 
 
 # Importing the modules registers their drafters.

@@ -11,6 +11,7 @@ import time
 
 from specdec.errors import InvalidInputError, SpecDecError, UnknownNameError
 from specdec.presets import available_presets, load_preset
+from specdec.settings_check import check_settings
 
 
 def _common(p: argparse.ArgumentParser) -> None:
@@ -311,6 +312,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "presets":
             return cmd_presets()
         cfg = settings(args)
+        check_settings(cfg, args.command, getattr(args, "prompt", None), getattr(args, "min_p", None),
+                       getattr(args, "repetition_penalty", 1.0))  # before any model loads
         if args.command == "bench":
             return cmd_bench(cfg, progress=not args.no_progress)
         return cmd_generate(cfg, args)

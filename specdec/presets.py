@@ -43,6 +43,12 @@ def load_preset(name_or_path: str | None) -> dict:
         data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
     except yaml.YAMLError as exc:
         raise InvalidInputError(f"{path}: not valid YAML ({exc})") from exc
+    if not isinstance(data, dict):
+        raise InvalidInputError(f"{path}: a preset is a mapping of settings (target: ..., drafters: {{...}}), got "
+                                f"{type(data).__name__} {data!r:.80}")
+    if not isinstance(data.get("drafters") or {}, dict):
+        raise InvalidInputError(f"{path}: drafters must be a mapping of entry names to {{drafter: NAME, options: "
+                                f"{{...}}}}, got {data['drafters']!r:.80}")
     unknown = set(data) - KEYS
     if unknown:
         raise InvalidInputError(f"{path}: unknown keys {sorted(unknown)}; valid keys: {', '.join(sorted(KEYS))}")

@@ -7,13 +7,14 @@
 """
 
 from specdec.engine import GenerationResult, SpecEngine
-from specdec.errors import (ChecksumError, IncompatibleModelsError, InvalidInputError, ModelFetchError,
-                            SpecDecError, UnknownNameError)
+from specdec.errors import (ChecksumError, ConcurrentUseError, IncompatibleModelsError, InvalidInputError,
+                            ModelFetchError, SpecDecError, UnknownNameError, UnsafeFileError)
 from specdec.stats import DecodingStats
 from specdec.tree import DraftTree, ProposalKind
 
 __all__ = [
-    "ChecksumError", "DecodingStats", "DraftTree", "GenerationResult", "IncompatibleModelsError",
+    "ChecksumError", "ConcurrentUseError", "DecodingStats", "DraftTree", "GenerationResult", "IncompatibleModelsError",
     "InvalidInputError", "ModelFetchError", "ProposalKind", "SpecDecError", "SpecEngine", "UnknownNameError",
+    "UnsafeFileError",
 ]
 __version__ = "0.1.0"

@@ -53,6 +53,14 @@ def post(server: LiveServer, path: str, body: bytes | dict, method: str = "POST"
     return resp.status, dict(resp.getheaders()), json.loads(payload) if payload else {}
 
 
+def get_text(server: LiveServer, path: str) -> str:
+    conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=30)
+    conn.request("GET", path)
+    text = conn.getresponse().read().decode()
+    conn.close()
+    return text
+
+
 def metric(text: str, name: str, **labels) -> float:
     """One sample of a Prometheus text page (0 when absent)."""
     for line in text.splitlines():
@@ -265,7 +273,7 @@ def test_a_client_that_disconnects_stops_its_generation(ref):
             assert time.monotonic() < deadline, "the generation went on after the client left"
             time.sleep(0.02)
         assert outcome["cancelled_after_steps"] < 30  # stopped within a few steps, far from 200 tokens
-        page = server.client().with_options(max_retries=0)._client.get(f"{server.url}/metrics").text
+        page = get_text(server, "/metrics")
         assert metric(page, "requests_cancelled_total") == 1
         # the engine is left clean: the next request is exact
         prompt = words(6, 9)
@@ -333,7 +341,7 @@ def test_metrics_count_requests_tokens_and_acceptance_by_depth():
         client = server.client()
         outs = [client.completions.create(model=MODEL, prompt=words(8, 10), max_tokens=20, temperature=0)]
         post(server, "/v1/completions", {"model": MODEL, "prompt": "t5", "max_tokens": 0})
-        page = client._client.get(f"{server.url}/metrics").text
+        page = get_text(server, "/metrics")
     finally:
         server.stop()
     spec = outs[0].model_extra["spec"]
@@ -368,3 +376,98 @@ def test_serve_cli_loads_a_folder_and_refuses_per_request_flags(tmp_path):
     assert service.engine.drafter.name == "draft-model" and service.sampling_verifier.name == "rejection"
     assert service.engine.target.dtype == torch.float32
     assert main(["serve", "--target", str(tmp_path / "tiny"), "--temperature", "0.7"]) == 2
+
+
+def test_the_queue_runs_jobs_one_at_a_time_in_arrival_order():
+    from specdec.serve.queue import GenerationQueue, QueueFull
+
+    queue = GenerationQueue(max_waiting=3)
+    gate, order = threading.Event(), []
+    first = queue.submit(gate.wait)
+    while not queue.running:
+        time.sleep(0.005)
+    jobs = [queue.submit(lambda i=i: order.append(i) or i) for i in range(3)]
+    with pytest.raises(QueueFull):
+        queue.submit(lambda: None)
+    gate.set()
+    assert [j.result(timeout=10) for j in jobs] == [0, 1, 2] and order == [0, 1, 2] and first.result()
+    failing = queue.submit(lambda: 1 / 0)  # a failing job reaches its submitter; the worker goes on
+    with pytest.raises(ZeroDivisionError):
+        failing.result(timeout=10)
+    assert queue.submit(lambda: "next").result(timeout=10) == "next"
+    queue.close()
+
+
+def test_streamed_text_holds_back_a_possible_stop_string_and_joins_to_the_final_text():
+    from specdec.serve.text import TextStream
+
+    tok = chat_tokenizer()
+    stream = TextStream(tok, [" t5 t6"])
+    assert stream.add([3]) == "t3"
+    assert stream.add([5]) == ""  # " t5" may start the stop string
+    assert stream.add([7]) == " t5 t7"  # it did not
+    assert stream.add([5, 6, 9]) == "" and stream.stopped_by_string
+    assert stream.finish() == "" and stream.text == "t3 t5 t7"
+    plain = TextStream(tok, [])
+    assert "".join([plain.add([3]), plain.add([4, 5]), plain.finish()]) == tok.decode([3, 4, 5])
+
+
+def test_a_waiting_request_whose_client_left_never_runs():
+    server = start()
+    calls = {"generate": 0}
+    service = server.state.service
+    inner = service.engine.generate
+
+    def counting(*args, **kwargs):
+        calls["generate"] += 1
+        return inner(*args, **kwargs)
+
+    service.engine.generate = counting
+    try:
+        gate = threading.Event()
+        blocker = server.state.queue.submit(gate.wait)
+        conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=30)
+        body = {"model": MODEL, "prompt": words(9, 6), "max_tokens": 8, "temperature": 0, "stream": True}
+        conn.request("POST", "/v1/completions", body=json.dumps(body), headers={"Content-Type": "application/json"})
+        assert conn.getresponse().status == 200
+        conn.sock.shutdown(2)
+        conn.close()
+        deadline = time.monotonic() + 20
+        while metric(get_text(server, "/metrics"), "requests_cancelled_total") < 1:
+            assert time.monotonic() < deadline, "the disconnect was not noticed"
+            time.sleep(0.05)
+        assert server.state.queue.waiting == 1
+        gate.set()
+        blocker.result(timeout=10)
+        while server.state.queue.waiting or server.state.queue.running:
+            assert time.monotonic() < deadline
+            time.sleep(0.02)
+        assert calls["generate"] == 0  # skipped: its client was gone before its turn
+    finally:
+        server.stop()
+
+
+def test_a_whole_response_request_whose_client_left_is_cancelled():
+    engine = new_engine()
+    propose = engine.drafter.propose
+    engine.drafter.propose = lambda state: time.sleep(0.02) or propose(state)  # seconds for 200 tokens
+    server = start(engine=engine)
+    try:
+        conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=30)
+        body = {"model": MODEL, "prompt": words(5, 8), "max_tokens": 200, "temperature": 0}  # no early EOS
+        conn.request("POST", "/v1/completions", body=json.dumps(body), headers={"Content-Type": "application/json"})
+        deadline = time.monotonic() + 20
+        while not server.state.queue.running:
+            assert time.monotonic() < deadline, "the request did not start"
+            time.sleep(0.01)
+        conn.sock.shutdown(2)
+        conn.close()
+        page = ""
+        while metric(page, "requests_cancelled_total") < 1:  # polled every 0.25 s, cancelled at the next step
+            assert time.monotonic() < deadline, "the generation went on after the client left"
+            time.sleep(0.05)
+            page = get_text(server, "/metrics")
+        assert metric(page, "generation_tokens_total") == 0  # stopped, not finished
+        assert metric(page, "requests_total", endpoint="/v1/completions", status="499") == 1
+    finally:
+        server.stop()

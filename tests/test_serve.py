@@ -471,3 +471,16 @@ def test_a_whole_response_request_whose_client_left_is_cancelled():
         assert metric(page, "requests_total", endpoint="/v1/completions", status="499") == 1
     finally:
         server.stop()
+
+
+def test_a_chat_template_error_is_a_400_naming_messages(live):
+    strict = chat_tokenizer()
+    strict.chat_template = "{% if messages[0]['role'] != 'user' %}{{ raise_exception('user first') }}{% endif %}t4"
+    service = live.state.service
+    before, service.tokenizer = service.tokenizer, strict
+    try:
+        status, _, answer = post(live, "/v1/chat/completions",
+                                 {"model": MODEL, "messages": [{"role": "assistant", "content": "t5"}]})
+    finally:
+        service.tokenizer = before
+    assert status == 400 and answer["error"]["param"] == "messages" and "user first" in answer["error"]["message"]

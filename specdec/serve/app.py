@@ -58,7 +58,8 @@ def create_app(service: GenerationService, max_waiting: int = 16, max_body_bytes
               Route("/v1/models/{model_id:path}", partial(get_model, server)),
               Route("/v1/completions", partial(generate, server, False), methods=["POST"]),
               Route("/v1/chat/completions", partial(generate, server, True), methods=["POST"])]
-    app = Starlette(routes=routes, lifespan=lifespan, exception_handlers={HTTPException: http_error})
+    app = Starlette(routes=routes, lifespan=lifespan,
+                    exception_handlers={HTTPException: http_error, Exception: internal_error})
     app.state.server = server
     return app
 
@@ -75,6 +76,11 @@ async def http_error(request: Request, exc: HTTPException) -> Response:
     else:
         err = ApiError(exc.status_code, f"{request.method} {request.url.path}: {exc.detail}")
     return error_response(err, headers=exc.headers)
+
+
+async def internal_error(request: Request, exc: Exception) -> Response:
+    """A bug, not a request's fault: still OpenAI's shape (Starlette logs the traceback); the server goes on."""
+    return error_response(ApiError(500, f"internal error: {type(exc).__name__}: {exc}", code="internal_error"))
 
 
 # ---------------------------------------------------------------------------------------------- small routes

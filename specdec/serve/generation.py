@@ -94,8 +94,11 @@ class GenerationService:
             if not getattr(self.tokenizer, "chat_template", None):
                 raise ApiError(400, "this model's tokenizer has no chat template: send a raw prompt to "
                                     "/v1/completions instead", "messages")
-            enc = self.tokenizer.apply_chat_template(request.messages, add_generation_prompt=True,
-                                                     return_tensors="pt", return_dict=True)
+            try:
+                enc = self.tokenizer.apply_chat_template(request.messages, add_generation_prompt=True,
+                                                         return_tensors="pt", return_dict=True)
+            except Exception as exc:  # noqa: BLE001 - templates raise their own errors (e.g. "roles must alternate")
+                raise ApiError(400, f"this model's chat template refused the messages: {exc}", "messages") from exc
             return enc["input_ids"].long(), "messages"
         if isinstance(request.prompt, list):
             vocab = self.engine.runner.vocab_size

@@ -1,8 +1,9 @@
 """One client's streamed tokens/s through ``specdec serve`` against ``specdec generate``'s decoding, same run.
 
-The server runs as its own process (``specdec serve``, as a user starts it); the baseline decodes in this process
-exactly as ``specdec generate`` does (the same preset and drafter entry, chat template, greedy, ``engine.generate``
-with a text streamer). Each prompt alternates which goes first; the figures are medians over prompts and repeats.
+Both run on one engine in this process (so the drafter, its tree budget and the kernels are the same): the server
+as ``specdec serve`` builds it, under uvicorn in a thread, called over loopback HTTP by a streaming client; the
+baseline exactly as ``specdec generate`` decodes (chat template, greedy, ``engine.generate`` with a text streamer),
+while the server is idle. Each prompt alternates which goes first; the figures are medians over prompts and repeats.
 The served rate is what the client sees: completion tokens over the time from sending the request to ``[DONE]``
 (tokenization, HTTP and SSE included); the baseline's is the CLI's own (new tokens over the generate call).
 
@@ -14,20 +15,21 @@ from __future__ import annotations
 import argparse
 import io
 import json
+import socket
 import statistics
-import subprocess
 import sys
+import threading
 import time
 import urllib.request
 
 
-def stream_chat(url: str, model: str, prompt: str, max_tokens: int) -> tuple[str, int, float]:
-    """(text, completion tokens, seconds from request to [DONE]) of one streamed greedy chat completion."""
+def stream_chat(url: str, model: str, prompt: str, max_tokens: int) -> tuple[str, int, float, float]:
+    """(text, completion tokens, seconds from request to [DONE], tau) of one streamed greedy chat completion."""
     body = json.dumps({"model": model, "messages": [{"role": "user", "content": prompt}], "max_tokens": max_tokens,
                        "temperature": 0, "stream": True, "stream_options": {"include_usage": True}}).encode()
     req = urllib.request.Request(f"{url}/v1/chat/completions", body, {"Content-Type": "application/json"})
     t0 = time.perf_counter()
-    text, tokens = [], 0
+    text, tokens, tau = [], 0, 0.0
     with urllib.request.urlopen(req) as resp:
         for line in resp:
             line = line.strip()
@@ -38,9 +40,10 @@ def stream_chat(url: str, model: str, prompt: str, max_tokens: int) -> tuple[str
             chunk = json.loads(line[6:])
             if chunk["choices"]:
                 text.append(chunk["choices"][0]["delta"].get("content") or "")
+            tau = chunk.get("spec", {}).get("tau", tau)
             if chunk.get("usage"):
                 tokens = chunk["usage"]["completion_tokens"]
-    return "".join(text), tokens, time.perf_counter() - t0
+    return "".join(text), tokens, time.perf_counter() - t0, tau
 
 
 def main() -> int:
@@ -50,31 +53,29 @@ def main() -> int:
     ap.add_argument("--limit", type=int, default=6, help="prompts, round-robin over Spec-Bench categories")
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--max-new-tokens", type=int, default=128)
-    ap.add_argument("--port", type=int, default=8765)
     args = ap.parse_args()
 
     import torch
+    import uvicorn
     from transformers import TextStreamer
 
     from specdec.benchmarks import prompts as P
     from specdec.cli import build_parser, settings
+    from specdec.serve.app import create_app
     from specdec.serve.cli import build_service
 
     flags = ["--config", args.config, "--drafter", args.drafter, "--max-new-tokens", str(args.max_new_tokens)]
-    server = subprocess.Popen([sys.executable, "-m", "specdec.cli", "serve", *flags, "--port", str(args.port)])
-    url = f"http://127.0.0.1:{args.port}"
+    service = build_service(settings(build_parser().parse_args(["serve", *flags])))
+    engine, tokenizer = service.engine, service.tokenizer
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    url = f"http://127.0.0.1:{sock.getsockname()[1]}"
+    server = uvicorn.Server(uvicorn.Config(create_app(service), log_level="warning"))
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
     try:
-        service = build_service(settings(build_parser().parse_args(["generate", *flags, "x"])))
-        engine, tokenizer = service.engine, service.tokenizer
-        deadline = time.monotonic() + 600
-        while True:
-            try:
-                urllib.request.urlopen(f"{url}/health").read()
-                break
-            except OSError:
-                if server.poll() is not None or time.monotonic() > deadline:
-                    raise SystemExit("the server did not start")
-                time.sleep(1)
+        while not server.started:
+            time.sleep(0.05)
         selected = P.select(P.read_prompts(), None, args.limit)
         # warm-up: kernels, caches and the server's first request
         stream_chat(url, service.model_name, selected[0].text, 16)
@@ -95,12 +96,13 @@ def main() -> int:
                         seconds = time.perf_counter() - t0
                         n = result.stats.new_tokens
                         text = tokenizer.decode(result.new_tokens[0], skip_special_tokens=True)
+                        tau = result.stats.mean_accepted_length
                     else:
-                        text, n, seconds = stream_chat(url, service.model_name, prompt.text, args.max_new_tokens)
-                    got[method] = (n / seconds, n, text)
+                        text, n, seconds, tau = stream_chat(url, service.model_name, prompt.text, args.max_new_tokens)
+                    got[method] = (n / seconds, n, text, round(tau, 3))
                 rows.append({"prompt": prompt.category, "repeat": r,
                              "generate_tok_s": got["generate"][0], "serve_tok_s": got["serve"][0],
-                             "tokens": (got["generate"][1], got["serve"][1]),
+                             "tokens": (got["generate"][1], got["serve"][1]), "tau": (got["generate"][3], got["serve"][3]),
                              "same_text": got["generate"][2] == got["serve"][2]})
                 print(json.dumps(rows[-1]), flush=True)
         gen = statistics.median(r["generate_tok_s"] for r in rows)
@@ -112,8 +114,8 @@ def main() -> int:
               f"  paired ratio serve/generate: median {ratios:.3f}; same text in "
               f"{sum(r['same_text'] for r in rows)}/{len(rows)} runs")
     finally:
-        server.terminate()
-        server.wait(timeout=30)
+        server.should_exit = True
+        thread.join(timeout=30)
     return 0
 
 

@@ -20,7 +20,7 @@ $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(PIP) install --quiet --upgrade pip
 	$(PIP) install --quiet $(TORCH)
-	$(PIP) install --quiet -e ".[test,bench]"
+	$(PIP) install --quiet -e ".[test,bench,serve]"
 	touch $(STAMP)
 
 install: $(STAMP)
@@ -41,7 +41,7 @@ bench: $(STAMP)
 NO_AMX := -mno-amx-tile -mno-amx-int8 -mno-amx-bf16
 llamacpp: $(STAMP)
 	CFLAGS="$(NO_AMX)" CXXFLAGS="$(NO_AMX)" CMAKE_ARGS="-DGGML_NATIVE=ON -DLLAVA_BUILD=OFF" \
-		$(PIP) install --quiet -e ".[test,bench,llamacpp]"
+		$(PIP) install --quiet -e ".[test,bench,serve,llamacpp]"
 
 # A fresh venv with the newest versions pyproject.toml allows (no lock), then the whole suite: run it whenever the
 # registries may have moved. Prints the versions it got.
@@ -50,7 +50,7 @@ test-latest:
 	$(PYTHON) -m venv $(LATEST)
 	$(LATEST)/bin/python -m pip install --quiet --upgrade pip
 	$(LATEST)/bin/python -m pip install --quiet "torch>=2.13,<2.14"
-	$(LATEST)/bin/python -m pip install --quiet --upgrade --upgrade-strategy eager -e ".[test,bench]"
+	$(LATEST)/bin/python -m pip install --quiet --upgrade --upgrade-strategy eager -e ".[test,bench,serve]"
 	$(LATEST)/bin/python -m pip list 2>/dev/null | grep -iE "^(torch|transformers|tokenizers|accelerate|gguf|numpy|safetensors|huggingface.hub|matplotlib|pytest) "
 	$(LATEST)/bin/python -m pytest
 

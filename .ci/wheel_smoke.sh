@@ -23,6 +23,7 @@ BIN=$WORK/venv/bin
 "$BIN/python" -c "import specdec, specdec.benchmarks, specdec.configs; assert '$REPO' not in specdec.__file__"
 "$BIN/specdec" --help > /dev/null
 "$BIN/specdec" bench --help > /dev/null
+"$BIN/specdec" serve --help > /dev/null  # the serve extra is not installed here: its help must not need it
 "$BIN/specdec" presets | tee presets.txt
 grep -q "^qwen-coder-pair:" presets.txt
 "$BIN/python" "$REPO/.ci/make_tiny_model.py" "$WORK/tiny"

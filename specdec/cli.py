@@ -80,6 +80,9 @@ def build_parser() -> argparse.ArgumentParser:
     from specdec.drafters.heads.export import add_parser as add_export_parser
 
     add_export_parser(sub)
+    from specdec.serve.cli import add_parser as add_serve_parser
+
+    add_serve_parser(sub, _common)
     sub.add_parser("presets", help="list the shipped presets (--config NAME) with their models and drafter entries")
     return parser
 
@@ -316,6 +319,10 @@ def main(argv: list[str] | None = None) -> int:
                        getattr(args, "repetition_penalty", 1.0))  # before any model loads
         if args.command == "bench":
             return cmd_bench(cfg, progress=not args.no_progress)
+        if args.command == "serve":
+            from specdec.serve.cli import cmd_serve
+
+            return cmd_serve(cfg, args)
         return cmd_generate(cfg, args)
     except SpecDecError as exc:
         print(f"specdec: error: {exc}", file=sys.stderr)

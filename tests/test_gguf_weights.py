@@ -1,6 +1,7 @@
 """``weights="gguf"``: GGUF Q4_K / Q6_K blocks decode as gguf-py reads them, the kernel computes what its definition
 says and does not depend on how many tokens share a call, speculative decoding on such a target equals its own
-greedy decoding on every prompt (no near-tie exception), and a GGUF file is matched to the model it was converted from or refused."""
+greedy decoding on every prompt (no near-tie exception), and a GGUF file is matched to the model it was converted
+from or refused."""
 
 from __future__ import annotations
 

@@ -10,7 +10,7 @@ from pathlib import Path
 from specdec.benchmarks.run import PromptResult
 
 COLUMNS = ("method", "tok/s", "speedup", "vs HF assisted", "pooled speedup", "tau", "identical", "near-ties", "budget",
-           "draft ms/step", "draft s", "verify s")
+           "draft ms/step", "draft s", "verify s", "overhead ms/step")
 LLAMA_CPP_COLUMN = "vs llama.cpp"  # after "vs HF assisted", in runs with a llama-cpp baseline
 
 
@@ -40,6 +40,8 @@ def table_rows(summary: dict) -> list[list[str]]:
             f"{e['draft_ms_per_step']:.1f}" if "draft_ms_per_step" in e else "-",
             f"{e['draft_time']:.1f}" if "draft_time" in e else "-",
             f"{e['verify_time']:.1f}" if "verify_time" in e else "-",
+            f"{e['overhead_ms_per_step']:.1f} ({100 * e['overhead_fraction']:.0f}%)" if "overhead_ms_per_step" in e
+            else "-",
         ])
     return rows
 

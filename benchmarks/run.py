@@ -132,6 +132,11 @@ def summarize(results: list[PromptResult], reference: str = "plain", assisted: s
             entry["accepted_lengths"] = lengths
             for key in ("draft_time", "verify_time", "prefill_time"):
                 entry[key] = sum(s[key] for s in stats)
+            step_time = sum(s.get("step_time", 0.0) for s in stats)
+            if step_time > 0:  # time outside model forwards, per step and as a share of the steps' time
+                entry["overhead_time"] = sum(s.get("overhead_time", 0.0) for s in stats)
+                entry["overhead_ms_per_step"] = 1000 * entry["overhead_time"] / max(1, len(lengths))
+                entry["overhead_fraction"] = entry["overhead_time"] / step_time
             entry["mean_tree_size"] = statistics.mean(t for s in stats for t in s["tree_sizes"]) if lengths else 0
             budgets = [b for s in stats for b in s.get("tree_budgets", [])]
             if budgets:

@@ -148,6 +148,7 @@ class SpecEngine:
     # ------------------------------------------------------------------ one step
     def _step(self, state: DecodeState, stops: StoppingRules, stats: DecodingStats, streamer) -> bool:
         t0 = time.perf_counter()
+        forwards_before = self._forward_seconds()
         proposed = self._to_target(self.drafter.propose(state), stats)
         tree, index_in_proposed = self._fit(proposed, state.remaining)
         t1 = time.perf_counter()
@@ -180,8 +181,17 @@ class SpecEngine:
                               out.hidden_states)
         t2 = time.perf_counter()
         self.drafter.observe(state, outcome)
-        stats.draft_time += time.perf_counter() - t2
+        t3 = time.perf_counter()
+        stats.draft_time += t3 - t2
+        target_seconds, draft_seconds = (a - b for a, b in zip(self._forward_seconds(), forwards_before))
+        stats.record_step_time(t3 - t0, target_seconds, draft_seconds)
         return done
+
+    def _forward_seconds(self) -> tuple[float, float]:
+        """Seconds spent so far inside the target's and the draft model's forwards (drafters without a model
+        runner: 0): the timing hook of the per-step overhead (DecodingStats.overhead_time)."""
+        draft_runner = getattr(self.drafter, "runner", None)
+        return self.runner.forward_seconds, getattr(draft_runner, "forward_seconds", 0.0)
 
     def _record_proposal(self, proposed: DraftTree, stats: DecodingStats) -> None:
         budget = getattr(self.drafter, "tree_budget", None)  # drafters that size trees to the hardware report it

@@ -12,6 +12,7 @@ drops the rest: rollback is a slice, O(accepted) copies.
 from __future__ import annotations
 
 import inspect
+import time
 from dataclasses import dataclass
 
 import torch
@@ -74,6 +75,7 @@ class CausalLMRunner:
         self.cache: DynamicCache | None = None
         self.length = 0  # tokens in the cache
         self.slot_positions = torch.zeros(0, dtype=torch.long)  # [length] position of each cache slot
+        self.forward_seconds = 0.0  # wall time inside the model's forward calls, summed over this runner's life
 
     @property
     def device(self) -> torch.device:
@@ -120,6 +122,7 @@ class CausalLMRunner:
         dev = self.device
         tokens, positions, mask = tokens.to(dev), positions.to(dev), mask.to(dev)
         attn = self._attention_mask(positions, mask)
+        started = time.perf_counter()
         out = self.model(
             input_ids=tokens[None],
             position_ids=positions[None],
@@ -129,6 +132,7 @@ class CausalLMRunner:
             logits_to_keep=logits_to_keep,
             **{self.cache_kwarg: self.cache},
         )
+        self.forward_seconds += time.perf_counter() - started
         self.length += tokens.numel()
         self.slot_positions = torch.cat([self.slot_positions.to(dev), positions])
         hidden = tuple(h[0].to(dev) for h in out.hidden_states) if output_hidden_states else None

@@ -1,4 +1,5 @@
-"""Per-generate() decoding statistics: tau, accepted lengths, forwards, time split."""
+"""Per-generate() decoding statistics: tau, accepted lengths, forwards, time split (draft, verify, and the
+per-step overhead outside model forwards)."""
 
 from __future__ import annotations
 
@@ -37,6 +38,9 @@ class DecodingStats:
     lookahead: dict[str, int] = field(default_factory=lambda: {"accepted": 0, "missed": 0, "none": 0})  # overlap:
     #   rounds that accepted a token drafted ahead / did not (a rejection before the guessed path's end, or another
     #   path) / had nothing drafted ahead
+    step_time: float = 0.0  # seconds of the decoding steps (draft + verify + observe; sequential mode only)
+    target_forward_time: float = 0.0  # of which inside the target model's forwards
+    draft_forward_time: float = 0.0  # of which inside the draft model's forwards (drafters with a model runner)
     new_tokens: int = 0
     lossless: bool = True  # False when an opt-in lossy verifier (typical acceptance) was used
     verifier: str = "greedy"
@@ -54,6 +58,23 @@ class DecodingStats:
         if self.overlapped:
             return self.prefill_time + self.verify_time + self.draft_wait_time
         return self.prefill_time + self.draft_time + self.verify_time
+
+    @property
+    def overhead_time(self) -> float:
+        """Seconds of the steps spent outside any model forward: drafting logic, masks, verification, cache
+        commits, Python (0 in overlap mode, whose rounds are not split this way)."""
+        return max(0.0, self.step_time - self.target_forward_time - self.draft_forward_time)
+
+    @property
+    def overhead_fraction(self) -> float:
+        """:attr:`overhead_time` as a share of the steps' time."""
+        return self.overhead_time / self.step_time if self.step_time > 0 else 0.0
+
+    def record_step_time(self, seconds: float, target_forward: float, draft_forward: float) -> None:
+        """One decoding step's wall time and the parts of it inside the target's and the draft's forwards."""
+        self.step_time += seconds
+        self.target_forward_time += target_forward
+        self.draft_forward_time += draft_forward
 
     def acceptance_rate_by_depth(self) -> list[float]:
         return acceptance_by_depth(self.accepted_lengths, self.draft_depths)
@@ -75,6 +96,11 @@ class DecodingStats:
             "overlapped": self.overlapped,
             "draft_wait_time": self.draft_wait_time,
             "lookahead": dict(self.lookahead),
+            "step_time": self.step_time,
+            "target_forward_time": self.target_forward_time,
+            "draft_forward_time": self.draft_forward_time,
+            "overhead_time": self.overhead_time,
+            "overhead_fraction": self.overhead_fraction,
             "new_tokens": self.new_tokens,
             "acceptance_rate_by_depth": self.acceptance_rate_by_depth(),
             "lossless": self.lossless,

@@ -1,6 +1,6 @@
 """Quantized weights (``weights="int8"`` and ``"w8a8"``, specdec.kernels; the fallback test covers gguf's layers
 too): the kernels compute what their definitions say, a token's output does not depend on how many tokens share
-the call, and speculative decoding on a quantized target equals that target's own greedy decoding."""
+the call, and speculative decoding on a quantized target equals that target's own greedy decoding on every prompt."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from specdec import SpecEngine
+from specdec.attention import use_fast_cpu_attention
 from specdec.drafters import create_drafter
 from specdec.errors import InvalidInputError
 from specdec.kernels import Int8Linear, W8A8Linear, cpu_kernels, kernel_status, quantize_linears, weights_kind
@@ -119,7 +120,7 @@ def test_the_fallback_agrees_with_the_kernel_and_can_be_forced(kind, monkeypatch
 def int8_model(arch: str, seed: int = 0, kind: str = "int8") -> torch.nn.Module:
     model = copy.deepcopy(tiny_model(arch, seed=seed)).to(torch.bfloat16)
     assert quantize_linears(model, kind) > 0
-    return model.eval()
+    return use_fast_cpu_attention(model).eval()  # what specdec.models.load installs on the CPU
 
 
 @pytest.mark.parametrize("kind", ["int8", "w8a8"])
@@ -134,22 +135,16 @@ def test_speculation_on_a_quantized_target_equals_its_own_greedy(arch, drafter_n
     assert weights_kind(target) == kind and not any(type(m) is torch.nn.Linear for m in target.modules())
     if drafter_name == "draft-model":
         options = dict(options, model=int8_model(arch, seed=1, kind=kind))  # a quantized draft drafts as loaded
-    prompt = tiny_prompt(seed=1)
-    reference = greedy_reference(target, prompt, 24)
-    # A bf16 model's greedy choice flips where the top two logits are within a rounding step (about 0.8%), and
-    # w8a8's activation rounding makes such flips likelier between a 1-token and a many-token forward: this prompt
-    # has no such near-tie on any of the three tiny targets in either format (checked here), so the tokens must
-    # be equal.
-    with torch.no_grad():
-        logits = target(reference).logits[0, prompt.shape[1] - 1:-1].float()
-    top2 = logits.topk(2).values
-    assert ((top2[:, 0] - top2[:, 1]) / top2[:, 0].abs()).min() >= 0.01, "the reference has a near-tie"
-    drafter = create_drafter(drafter_name, target=target, **options)
-    if drafter_name == "draft-model":  # drafts on the int8 kernel as loaded, not on a dynamic-quantized fp32 copy
-        assert drafter.runner.model is options["model"]
-    result = SpecEngine(target, drafter).generate(prompt, max_new_tokens=24, eos_token_id=None)  # as the reference
-    assert torch.equal(result.sequences, reference)
-    assert result.stats.draft_depths and max(result.stats.draft_depths) >= 1
+    # Every prompt, near-ties included: the verify forward is batch-invariant (test_batch_invariance.py).
+    for seed in range(1, 4):
+        prompt = tiny_prompt(seed=seed)
+        reference = greedy_reference(target, prompt, 24)
+        drafter = create_drafter(drafter_name, target=target, **options)
+        if drafter_name == "draft-model":  # drafts on the int8 kernel as loaded, not on a dynamic-quantized copy
+            assert drafter.runner.model is options["model"]
+        result = SpecEngine(target, drafter).generate(prompt, max_new_tokens=24, eos_token_id=None)
+        assert torch.equal(result.sequences, reference), seed
+        assert result.stats.draft_depths and max(result.stats.draft_depths) >= 1
 
 
 def test_load_rejects_unknown_weights_and_int8_off_the_cpu(tmp_path):

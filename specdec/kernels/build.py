@@ -38,7 +38,8 @@ from specdec.kernels.build_lock import BuildLock
 from specdec.precision import cpu_flags
 
 SOURCES = tuple(Path(__file__).with_name(f)
-                for f in ("bindings.cpp", "int8_linear.cpp", "w8a8_linear.cpp", "kquant_linear.cpp"))
+                for f in ("bindings.cpp", "int8_linear.cpp", "w8a8_linear.cpp", "kquant_linear.cpp",
+                          "cached_attention.cpp"))
 HEADERS = (Path(__file__).with_name("tiles.h"),)  # part of the build key, not compiled alone
 REQUIRED_FLAGS = ("avx512f", "avx512bw", "avx512_bf16", "avx512_vnni")  # what the sources execute
 

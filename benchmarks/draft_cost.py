@@ -105,11 +105,22 @@ def main(argv=None) -> None:
     target, tok = specdec.models.load(args.target, weights=args.weights)
     draft, _ = specdec.models.load(args.draft, weights=args.weights, tokenizer=False)
     names = args.variants.split(",")
-    drafters = {name: DraftModelDrafter(target, model=draft, mode="chain", depth=4, min_prob=0.0,
-                                        **parse_variant(name)) for name in names}
+    options = {name: parse_variant(name) for name in names}
+    if any(o.get("draft_vocab") == "shipped" for o in options.values()):
+        from specdec.models.draft_transforms import resolve_draft_vocab
+
+        vocab = resolve_draft_vocab("shipped", target)  # once: it fingerprints the target's LM head
+        for o in options.values():
+            if o.get("draft_vocab") == "shipped":
+                o["draft_vocab"] = vocab
+    drafters = {name: DraftModelDrafter(target, model=draft, mode="chain", depth=4, min_prob=0.0, **options[name])
+                for name in names}
     models = {name: d.runner.model for name, d in drafters.items()}
     sizes = tuple(int(s) for s in args.sizes.split(","))
     costs = time_forwards({"target": target, **models}, sizes, args.context, args.repeats)
+    for name, by_n in costs.items():
+        print(f"{name:<16} " + " ".join(f"{n} tok {ms:.2f} ms" for n, ms in by_n.items())
+              + f"  ({by_n[sizes[0]] / costs['target'][sizes[0]]:.3f}x target)", flush=True)
 
     prompts = select(read_prompts(), limit=args.prompts)
     sequences = []
@@ -129,7 +140,7 @@ def main(argv=None) -> None:
                 + f" {costs[name][sizes[0]] / one:9.3f} {acc:8.3f}")
         if args.tau:
             drafter = create_drafter("draft-model", target=target, model=draft, mode="chain", depth=4, min_prob=0.0,
-                                     **parse_variant(name))
+                                     **options[name])
             engine = SpecEngine(target, drafter)
             steps = tokens = 0
             seconds = 0.0

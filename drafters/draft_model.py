@@ -82,7 +82,12 @@ class DraftModelConfig:
     #                                     head for this draft model and target
     acceptance_threshold: "float | str" = "auto"  # specdec++: stop once P(a fed token is rejected) exceeds this;
     #                                               "auto": derived from measured costs (specdec.draft_length)
-    quantize: str | None = "auto"  # "int8": dynamic int8 Linear layers (CPU only); "auto": int8 when on CPU
+    quantize: str | None = "auto"  # "int8": dynamic int8 Linear layers (CPU only); "auto": int8 when on CPU;
+    #                                "q4_k": every linear layer re-quantized to Q4_K on the CPU kernel, whatever
+    #                                format it was loaded in (specdec.models.draft_transforms)
+    draft_vocab: object = None  # a reduced vocabulary for the draft's LM head (FR-Spec): a DraftVocab, "shipped"
+    #                             (the shipped heads' vocabulary for this target) or None (the full vocabulary)
+    draft_layers: int | None = None  # keep only the draft model's first n decoder layers (None: all)
     dtype: str | None = None  # cast the draft model ("bfloat16", "float32"); None keeps it as given
     sample_tree: str = "without_replacement"  # do_sample=True: "without_replacement", "iid" or "topk" children
 
@@ -100,8 +105,9 @@ class DraftModelConfig:
         if self.length_policy not in POLICIES:
             raise InvalidInputError(f"draft-model length_policy must be one of {', '.join(POLICIES)}, got "
                                     f"{self.length_policy!r}")
-        if self.quantize not in (None, "int8", "auto"):
-            raise InvalidInputError(f"draft-model quantize must be None, 'int8' or 'auto', got {self.quantize!r}")
+        if self.quantize not in (None, "int8", "auto", "q4_k"):
+            raise InvalidInputError(f"draft-model quantize must be None, 'int8', 'q4_k' or 'auto', got "
+                                    f"{self.quantize!r}")
 
     def shape(self, sampled: bool = False) -> tuple[int, int, int]:
         """(topk, width, budget) actually used: a chain is topk = width = 1 with budget = depth.
@@ -121,12 +127,28 @@ class DraftModelConfig:
 _PREPARED: "weakref.WeakKeyDictionary[torch.nn.Module, dict]" = weakref.WeakKeyDictionary()
 
 
-def _prepare(model: torch.nn.Module, config: DraftModelConfig) -> torch.nn.Module:
+def _prepare(model: torch.nn.Module, config: DraftModelConfig, vocab=None) -> torch.nn.Module:
     """The model that drafts: int8-quantized on CPU by default (3x cheaper than bf16 there; proposals only); a model
-    loaded with quantized weights (``weights="int8"`` or ``"w8a8"``, specdec.kernels) is used as it is.
+    loaded with quantized weights (``weights="int8"`` or ``"w8a8"``, specdec.kernels) is used as it is;
+    ``quantize="q4_k"``, a reduced ``vocab`` or ``draft_layers`` make a cheaper copy (draft_transforms).
 
     Converted copies are shared by every drafter built from the same model (a 0.5B copy costs ~1 GB).
     """
+    from specdec.models.draft_transforms import cheap_draft
+
+    q4_k = config.quantize == "q4_k"
+    if not (q4_k or vocab is not None or config.draft_layers is not None):
+        return _prepare_base(model, config)
+    key = ("cheap", config.quantize, config.dtype, None if vocab is None else tuple(vocab.ids.tolist()),
+           config.draft_layers)
+    copies = _PREPARED.setdefault(model, {})
+    if key not in copies:
+        base = model.eval() if q4_k else _prepare_base(model, config)
+        copies[key] = cheap_draft(base, "q4_k" if q4_k else None, vocab, config.draft_layers)
+    return copies[key]
+
+
+def _prepare_base(model: torch.nn.Module, config: DraftModelConfig) -> torch.nn.Module:
     from specdec.kernels import weights_kind
 
     on_cpu = model.get_input_embeddings().weight.device.type == "cpu"
@@ -293,7 +315,10 @@ class DraftModelDrafter(Drafter):
             raise IncompatibleModelsError(
                 f"draft model vocabulary ({draft_vocab} tokens) differs from the target's ({target_vocab}); "
                 "the draft model must share the target's tokenizer")
-        self.runner = CausalLMRunner(_prepare(model, self.config))
+        from specdec.models.draft_transforms import resolve_draft_vocab
+
+        vocab = resolve_draft_vocab(self.config.draft_vocab, target)
+        self.runner = CausalLMRunner(_prepare(model, self.config, vocab))
         self.cached = torch.zeros(0, dtype=torch.long)  # token ids of the draft cache's slots (a prefix of them
         #                                                 when the newest proposal left tree branches behind)
         self._cache_version = 0  # bumped by every proposal: observe commits only the cache its proposal left

@@ -39,6 +39,9 @@ DRAFTER_FACTORIES: dict[str, dict[str, Factory]] = {
         "self-chain": lambda target, arch: dict(model=target, mode="chain", quantize=None, min_prob=0.0),
         "deep-tree": lambda target, arch: dict(model=tiny_model(arch, seed=1), mode="tree", depth=12, topk=2, width=2,
                                                budget=60, min_prob=0.0),
+        # a cheaper draft (specdec.models.draft_transforms): Q4_K layers, a reduced LM head, one layer kept
+        "cheap": lambda target, arch: dict(model=tiny_model(arch, seed=1), mode="tree", min_prob=0.0, budget=12,
+                                           quantize="q4_k", draft_vocab=reduced_vocab(target), draft_layers=1),
         # HF's heuristic draft length (specdec.draft_length): the chain grows and shrinks with the regime
         "hf-heuristic": lambda target, arch: dict(model=tiny_model(arch, seed=1), mode="chain", depth=8,
                                                   length_policy="hf-heuristic"),

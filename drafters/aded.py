@@ -126,8 +126,7 @@ class AdedDrafter(Drafter):
         seq = state.sequence[0]
         dev = seq.device
         if state.remaining < 2 or seq.numel() < 2:
-            self.tree_budget = 0
-            return DraftTree.empty(dev)
+            return DraftTree.empty(dev).with_budget(0)
         t0 = time.perf_counter()
         recent = seq[-self.config.window:].tolist()  # the one host sync of a step
         self.table.adapt(recent)
@@ -136,9 +135,8 @@ class AdedDrafter(Drafter):
             tree = self._auto_tree(cands, dev, time.perf_counter() - t0)
         else:
             k = min(self.config.budget, len(cands))
-            self.tree_budget = self.config.budget
             tree = DraftTree(torch.tensor(cands.tokens[:k], dtype=torch.long, device=dev),
-                             torch.tensor(cands.parents[:k], dtype=torch.long, device=dev))
+                             torch.tensor(cands.parents[:k], dtype=torch.long, device=dev), budget=self.config.budget)
         return tree
 
     # ------------------------------------------------------------------ budget="auto"
@@ -146,18 +144,16 @@ class AdedDrafter(Drafter):
         self._draft_seconds = search_seconds if not self._draft_seconds else \
             TIME_DECAY * self._draft_seconds + (1 - TIME_DECAY) * search_seconds
         if not len(cands):
-            self.tree_budget = 0
-            return DraftTree.empty(dev)
+            return DraftTree.empty(dev).with_budget(0)
         depths = np.asarray(cands.depths)  # [m]
         ratio = (self._accepted + 1.0) / (self._predicted + 2.0)  # [depth] calibration
         values = torch.tensor(np.minimum(np.asarray(cands.values) * ratio[depths], 1.0))  # [m]
         pool = DraftTree(torch.tensor(cands.tokens, dtype=torch.long), torch.tensor(cands.parents, dtype=torch.long))
         keep = best_nodes(values, pool.parents, self.costs, self._draft_seconds)  # [k]
-        self.tree_budget = keep.numel()
         mask = torch.zeros(len(cands), dtype=torch.bool)
         mask[keep] = True
         memo = (np.asarray(cands.values)[keep.numpy()], depths[keep.numpy()])  # node values and depths, for observe
-        return pool.prune(mask)[0].with_memo(memo).to(dev)
+        return pool.prune(mask)[0].with_memo(memo).with_budget(keep.numel()).to(dev)
 
     def observe(self, state: DecodeState, outcome: StepOutcome) -> None:
         if outcome.tree.memo is None:  # not an auto-sized tree

@@ -304,6 +304,11 @@ class DraftModelDrafter(Drafter):
         self.acceptance = _acceptance_head(self.config.acceptance_head, model, target) if specdecpp else None
         self._forward_seconds = 0.0  # running seconds per draft forward (the specdec++ policy's cost)
 
+    @property
+    def device(self) -> torch.device:
+        """The draft model's device (``draft_device`` in the bench; tokens cross through ``state.transfer``)."""
+        return self.runner.device
+
     # ------------------------------------------------------------------ engine hooks
     def begin(self, state: DecodeState) -> None:
         self.runner.reset()
@@ -405,13 +410,11 @@ class DraftModelDrafter(Drafter):
         second, from node values exp(score) * calibration in the given (ancestor-closed, best-first) order; and the
         tokens that count predicts (None for a fixed budget)."""
         if self.config.budget != "auto" or self.config.mode == "chain":
-            self.tree_budget = None
             return budget, None
         if self._costs is None:
             self._costs = forward_costs(self.target_model)
         values = (ordered_scores.float().exp() * self._calibration).clamp(max=1.0)
         k = choose_budget(values, self._costs, time.perf_counter() - t_start, budget)
-        self.tree_budget = k
         return k, float(values[:k].sum())
 
     def _feed(self, fed: "_Fed", tokens: torch.Tensor, parents: torch.Tensor, expand: torch.Tensor, d: int,
@@ -458,7 +461,9 @@ class DraftModelDrafter(Drafter):
             fed_pool = torch.nonzero(fed_slots >= 0).flatten()  # a sequence, kept by the next _sync if it matches
             self.cached = torch.cat([self.cached, tokens[fed_pool[fed_slots[fed_pool].argsort()]].cpu()])
         memo = _Proposal(tree_base, chosen, fed_slots, tokens, predicted, self._cache_version)
-        return DraftTree(tokens[chosen], new_parents, draft_probs, kind, stop_reason, memo)  # the engine moves it
+        budget = None if predicted is None else chosen.numel()  # an auto budget's choice, for the stats
+        return DraftTree(tokens[chosen], new_parents, draft_probs, kind, stop_reason, memo, budget)  # the engine
+        #                                                                                             moves it
 
     def _log_q(self, logits: torch.Tensor, state: DecodeState, paths: torch.Tensor | None = None) -> torch.Tensor:
         """FloatTensor [m, V]: log of the draft distribution after each row of ``logits`` [m, V], through the same

@@ -188,9 +188,9 @@ class TokenRecyclingDrafter(Drafter):
         paths = self._path_tokens(pool_tokens)[keep].tolist()
         tree = DraftTree.from_paths([p[:d] for p, d in zip(paths, self._pool_depths[keep].tolist())], device=dev)
 
-        self.tree_budget = tree.size  # the kept nodes, less chain nodes that share a template node's slot
-        # memo for observe: root, pool tokens, usable pool nodes, n-gram size of the lookup chain, seconds spent
-        return tree.with_memo((root, pool_tokens, pool_valid, ngram, time.perf_counter() - t0))
+        # budget: the kept nodes, less chain nodes that share a template node's slot; memo for observe: root, pool
+        # tokens, usable pool nodes, n-gram size of the lookup chain, seconds spent
+        return tree.with_budget(tree.size).with_memo((root, pool_tokens, pool_valid, ngram, time.perf_counter() - t0))
 
     def _path_tokens(self, pool_tokens: torch.Tensor) -> torch.Tensor:
         """LongTensor [N+D, W]: the tokens on the path to each pool node (depth 1 first), -1 past its depth."""

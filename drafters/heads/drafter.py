@@ -238,20 +238,20 @@ class HeadsDrafter(Drafter):
         maximises expected tokens per second (values exp(score) x calibration, capped at max_budget); and the
         tokens that count predicts (None for a fixed budget)."""
         if self.config.budget != "auto":
-            self.tree_budget = None
             return min(self.config.budget, ordered_scores.numel()), None
         if self._costs is None:
             self._costs = forward_costs(self.target_model)
         values = (ordered_scores.float().exp() * self._calibration).clamp(max=1.0)
         k = choose_budget(values, self._costs, time.perf_counter() - t_start, self.config.max_budget)
-        self.tree_budget = k
         return k, float(values[:k].sum())
 
     def _tree(self, state: DecodeState, pool, chosen: torch.Tensor, kind: ProposalKind, predicted: float | None,
               probs: torch.Tensor | None = None) -> DraftTree:
         """The tree of pool nodes ``chosen`` (increasing, ancestor-closed); ``probs`` [n, V] their q if sampled;
         the memo is the tokens an auto budget predicted, for observe's calibration."""
-        tree = DraftTree(pool.tokens[chosen], _remap(pool.parents[chosen], chosen), probs, kind, memo=predicted)
+        budget = None if predicted is None else chosen.numel()  # an auto budget's choice, for the stats
+        tree = DraftTree(pool.tokens[chosen], _remap(pool.parents[chosen], chosen), probs, kind, memo=predicted,
+                         budget=budget)
         return tree.to(state.sequence.device)
 
 

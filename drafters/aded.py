@@ -31,9 +31,10 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from specdec.budget import ForwardCosts, best_nodes, forward_costs
+from specdec.budget import ForwardCosts
 from specdec.drafters import register_drafter
 from specdec.drafters.base import Drafter
+from specdec.drafters.tree_budget import TreeBudget
 from specdec.drafters.mcts import Candidates, MCTSConfig, draft_candidates
 from specdec.drafters.trigram_table import DEFAULT_TOP, AdaptiveTrigrams, TrigramTable
 from specdec.errors import InvalidInputError
@@ -103,9 +104,9 @@ class AdedDrafter(Drafter):
         self.table = AdaptiveTrigrams(table, self.config.boost, self.config.cap)
         self._mcts = self.config.mcts
         self.rng = np.random.default_rng(self.config.seed)
-        self.costs = ForwardCosts.from_mapping(costs) if isinstance(costs, Mapping) else costs
-        if self.costs is None and self.auto:
-            self.costs = forward_costs(target, cache_dir=self.config.cost_cache)
+        self.budget_policy = TreeBudget(target, self.config.budget, costs=costs, cache_dir=self.config.cost_cache)
+        if self.auto:
+            self.budget_policy.measured_costs()
         self._accepted = np.zeros(self.config.sentence_length + 2)  # [depth] decayed accepted nodes (auto)
         self._predicted = np.zeros(self.config.sentence_length + 2)  # [depth] decayed sum of node values (auto)
         self._draft_seconds = 0.0
@@ -149,7 +150,7 @@ class AdedDrafter(Drafter):
         ratio = (self._accepted + 1.0) / (self._predicted + 2.0)  # [depth] calibration
         values = torch.tensor(np.minimum(np.asarray(cands.values) * ratio[depths], 1.0))  # [m]
         pool = DraftTree(torch.tensor(cands.tokens, dtype=torch.long), torch.tensor(cands.parents, dtype=torch.long))
-        keep = best_nodes(values, pool.parents, self.costs, self._draft_seconds)  # [k]
+        keep = self.budget_policy.select(values, pool.parents, self._draft_seconds)  # [k]
         mask = torch.zeros(len(cands), dtype=torch.bool)
         mask[keep] = True
         memo = (np.asarray(cands.values)[keep.numpy()], depths[keep.numpy()])  # node values and depths, for observe

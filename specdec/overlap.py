@@ -34,7 +34,7 @@ from specdec.errors import InvalidInputError
 from specdec.runner import CausalLMRunner
 from specdec.state import DecodeState, StepOutcome, VerificationResult
 from specdec.stats import DecodingStats
-from specdec.step import emit, fit, on_device, verify_and_commit
+from specdec.step import emit, fit, on_device, step_tokens, verify_and_commit
 from specdec.tree import DraftTree
 from specdec.verifiers.base import Verifier
 
@@ -131,7 +131,8 @@ class OverlapRounds:
         # the tree with the proposal drafted ahead hung below its guess (the forward scored only ``tree``)
         leaf = int(guess[-1]) if guess.numel() else -1
         graft, _ = fit(tree.graft(ahead, leaf), state.remaining)
-        step = verify_and_commit(runner, self.verifier, state, graft, out.logits, prefix_len, stats, ahead)
+        step = verify_and_commit(runner, self.verifier, state, graft, out.logits, prefix_len, stats, ahead,
+                                 self._tokens)
         stats.verify_time += time.perf_counter() - t2 + (t1 - t0)
         grafted = graft.size > tree.size
         stats.lookahead["accepted" if step.lookahead else ("missed" if grafted else "none")] += 1
@@ -151,6 +152,8 @@ class OverlapRounds:
             drafter.discard(ahead)
         stats.draft_time += time.perf_counter() - t3
         return done, nxt
+
+    _tokens = staticmethod(step_tokens)  # what a round emits (specdec.step.step_tokens)
 
     def _observe(self, state: DecodeState, pending: _Pending, index, result, logits, stats: DecodingStats,
                  emitted: torch.Tensor | None = None) -> None:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 
@@ -35,12 +36,20 @@ class Verified:
     lookahead: bool  # the last accepted node was grafted (drafted ahead): it ends the step, no bonus token
 
 
+def step_tokens(tree: DraftTree, result: VerificationResult, lookahead: bool) -> torch.Tensor:
+    """The step's tokens: the accepted path, then the bonus or recovered token, except after an accepted grafted
+    node (its row is a placeholder: a lookahead hit emits no bonus)."""
+    return tree.tokens[result.accepted_nodes] if lookahead else result.tokens
+
+
 def verify_and_commit(runner: CausalLMRunner, verifier: Verifier, state: DecodeState, tree: DraftTree,
-                      logits: torch.Tensor, prefix_len: int, stats: DecodingStats,
-                      proposal: DraftTree) -> Verified:
+                      logits: torch.Tensor, prefix_len: int, stats: DecodingStats, proposal: DraftTree,
+                      tokens_rule: Callable[[DraftTree, VerificationResult, bool], torch.Tensor] = step_tokens
+                      ) -> Verified:
     """Verify ``tree`` with the target's rows ``logits`` [s, V] over [root, its first s - 1 nodes] (the rest are
     grafted, unscored), keep the accepted path in the target's cache (``runner``, ``prefix_len`` tokens before the
-    root) and record the step and ``proposal`` (what the drafter returned) in ``stats``."""
+    root) and record the step and ``proposal`` (what the drafter returned) in ``stats``. ``tokens_rule``: what the
+    step emits (:func:`step_tokens`; a test swaps in a wrong rule to show the distribution test catches it)."""
     scored = logits.shape[0] - 1
     grafted = tree.size - scored
     assert grafted >= 0, "more rows than tree nodes"
@@ -52,10 +61,9 @@ def verify_and_commit(runner: CausalLMRunner, verifier: Verifier, state: DecodeS
     result = verifier.verify(tree, logits, state.sampling, state.generator)
     accepted = result.accepted_nodes
     lookahead = bool(grafted) and bool(accepted.numel()) and int(accepted[-1]) >= scored
-    if lookahead:
-        tokens, accepted = tree.tokens[accepted], accepted[:-1]
-    else:
-        tokens = result.tokens
+    tokens = tokens_rule(tree, result, lookahead)
+    if lookahead:  # the grafted node was not in the forward: the cache keeps the path above it
+        accepted = accepted[:-1]
     kept_slots = torch.cat([accepted.new_zeros(1), accepted + 1])
     runner.commit(prefix_len, kept_slots)
     stats.record_step(int(tokens.numel()), tree.max_depth, tree.size)

@@ -574,7 +574,7 @@ def test_an_empty_auto_sized_draft_leaves_the_draft_cache_in_step(arch):
     its cache at once (a sampled tree drafts more than one level before the budget is chosen)."""
     target = tiny_model(arch)
     drafter = Watched(create_drafter("draft-model", target=target, model=target, quantize=None, budget="auto"))
-    drafter.inner._costs = ForwardCosts((1, 2), (1.0, 3.0))  # a second token costs twice the first
+    drafter.inner.budget_policy.costs = ForwardCosts((1, 2), (1.0, 3.0))  # a second token costs twice the first
     result = SpecEngine(target, drafter, "rejection").generate(
         tiny_prompt(), max_new_tokens=12, do_sample=True, temperature=0.8, generator=torch.Generator().manual_seed(0),
         eos_token_id=None)
@@ -588,7 +588,7 @@ def test_a_last_step_without_draft_leaves_the_draft_cache_in_step(new_tokens):
     then, and its cache must stay as the previous, accepted step left it."""
     target = tiny_model("llama")
     drafter = Watched(create_drafter("draft-model", target=target, model=target, quantize=None, budget="auto"))
-    drafter.inner._costs = ForwardCosts((1, 64), (1.0, 1.0))  # flat: every node pays, long accepted paths
+    drafter.inner.budget_policy.costs = ForwardCosts((1, 64), (1.0, 1.0))  # flat: every node pays, long accepted paths
     result = SpecEngine(target, drafter, "rejection").generate(
         tiny_prompt(), max_new_tokens=new_tokens, do_sample=True, temperature=0.8,
         generator=torch.Generator().manual_seed(new_tokens), eos_token_id=None)

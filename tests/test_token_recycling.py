@@ -183,7 +183,7 @@ def test_auto_budget_measures_the_target_once(tmp_path):
     target = tiny_model("qwen2", seed=11)  # a model object no other test measures (costs are kept per object)
     drafter = create_drafter("token-recycling", target=target, cost_cache=str(tmp_path))
     assert (tmp_path / "forward_costs.json").exists()
-    assert drafter.costs.sizes == (1, 2, 4, 8, 16, 32, 64)
+    assert drafter.budget_policy.costs.sizes == (1, 2, 4, 8, 16, 32, 64)
     result = SpecEngine(target, drafter).generate(tiny_prompt(), max_new_tokens=20)
     assert len(result.stats.tree_budgets) == result.stats.target_forwards
     assert result.stats.tree_sizes == result.stats.tree_budgets

@@ -10,9 +10,9 @@ import torch
 
 from specdec import SpecEngine
 from specdec.drafters import create_drafter
-from specdec.drafters.aded import AdedConfig, AdedDrafter
-from specdec.drafters.mcts import MCTSConfig, SuccessorCache, draft_candidates, extract, search
-from specdec.drafters.trigram_table import AdaptiveTrigrams, TrigramTable, context_key
+from specdec.drafters.aded.drafter import AdedConfig, AdedDrafter
+from specdec.drafters.aded.mcts import MCTSConfig, SuccessorCache, draft_candidates, extract, search
+from specdec.drafters.aded.trigram_table import AdaptiveTrigrams, TrigramTable, context_key
 from specdec.errors import IncompatibleModelsError, InvalidInputError
 from specdec.sampling import SamplingConfig
 from specdec.state import DecodeState
@@ -61,7 +61,7 @@ def test_counts_normalise_per_context_and_keep_the_top_successors():
 
 
 def test_counter_folds_pending_counts(monkeypatch):
-    import specdec.drafters.trigram_table as tt
+    import specdec.drafters.aded.trigram_table as tt
 
     monkeypatch.setattr(tt, "_COMPACT_AT", 4)  # fold after every sequence
     corpus = [[7, 8, 9, 7, 8, 9], [7, 8, 6], [7, 8, 9]]

@@ -35,8 +35,8 @@ from specdec.budget import ForwardCosts
 from specdec.drafters import register_drafter
 from specdec.drafters.base import Drafter
 from specdec.drafters.tree_budget import TreeBudget
-from specdec.drafters.mcts import Candidates, MCTSConfig, draft_candidates
-from specdec.drafters.trigram_table import DEFAULT_TOP, AdaptiveTrigrams, TrigramTable
+from specdec.drafters.aded.mcts import Candidates, MCTSConfig, draft_candidates
+from specdec.drafters.aded.trigram_table import DEFAULT_TOP, AdaptiveTrigrams, TrigramTable
 from specdec.errors import InvalidInputError
 from specdec.state import DecodeState, StepOutcome
 from specdec.tree import DraftTree

@@ -322,7 +322,8 @@ class DraftModelDrafter(Drafter):
         topk, width, _ = self.config.shape()
         depth = min(self.config.depth, state.remaining - 1)
         if depth < 1:
-            return DraftTree.empty(state.sequence.device)  # no memo: nothing read, observe leaves the cache alone
+            empty = DraftTree.empty(state.sequence.device)  # no memo: nothing read, observe leaves the cache alone
+            return empty.with_budget(0) if self.budget_policy.auto else empty  # an auto budget kept no node
         t_start = time.perf_counter()
         root_logits = self._sync(state.transfer(state.sequence[0], "cpu"), state)
         self._cache_version += 1

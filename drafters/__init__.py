@@ -38,8 +38,8 @@ def create_drafter(name: str, target, **options) -> Drafter:
 # Importing the modules registers their drafters.
 from specdec.drafters import draft_model, prompt_lookup  # noqa: E402,F401
 from specdec.drafters import token_recycling  # noqa: E402,F401
-from specdec.drafters import aded  # noqa: E402,F401
-from specdec.drafters import del_exit, swift  # noqa: E402,F401
+from specdec.drafters import aded  # noqa: E402,F401  (the package registers its drafter)
+from specdec.drafters import layer_skip  # noqa: E402,F401  (swift, del)
 from specdec.drafters.heads import drafter as _heads_drafter  # noqa: E402,F401  (medusa, hydra, clover, chimera)
 from specdec.drafters.heads import deer_drafter as _deer_drafter  # noqa: E402,F401  (deer)
 

@@ -45,21 +45,19 @@ from dataclasses import dataclass
 
 import torch
 
-from specdec.budget import choose_budget, forward_costs, update_calibration
 from specdec.drafters import register_drafter
 from specdec.drafters.base import Drafter
-from specdec.draft_length import POLICIES, DepthSignal, StopReason, create_length_policy
-from specdec.drafters.sampled_pool import grow_sampled_pool, sampled_order
+from specdec.draft_length import POLICIES, StopReason, create_length_policy
+from specdec.drafters.sampled_pool import SAMPLE_TREES, grow_sampled_pool, sampled_order
+from specdec.drafters.topk_pool import grow_topk_pool, path_signal
+from specdec.drafters.tree_budget import TreeBudget
 from specdec.errors import IncompatibleModelsError, InvalidInputError
 from specdec.finite import check_draft_distribution
 from specdec.memory import release_memory
 from specdec.runner import CausalLMRunner
 from specdec.sampling import drafter_logits, seen_mask
 from specdec.state import DecodeState, StepOutcome
-from specdec.tree import DraftTree, ProposalKind
-
-SAMPLE_TREES = {"without_replacement": ProposalKind.WITHOUT_REPLACEMENT, "iid": ProposalKind.IID,
-                "topk": ProposalKind.POINT_MASS}
+from specdec.tree import DraftTree, ProposalKind, kept_parents
 
 
 @dataclass(frozen=True)
@@ -322,92 +320,76 @@ class DraftModelDrafter(Drafter):
         self.cached = torch.zeros(0, dtype=torch.long)  # token ids of the draft cache's slots (a prefix of them
         #                                                 when the newest proposal left tree branches behind)
         self._cache_version = 0  # bumped by every proposal: observe commits only the cache its proposal left
-        self._costs = None  # the target's measured forward costs (budget="auto"), measured in begin()
-        self._calibration = 1.0  # running (accepted tokens) / (predicted tokens) of the draft's path probabilities
+        auto = self.config.budget == "auto" and self.config.mode == "tree"
+        _, _, fixed = self.config.shape()
+        # node values: the draft's path probabilities, calibrated; the costs are measured in begin()
+        self.budget_policy = TreeBudget(target, "auto" if auto else fixed, max_budget=self.config.max_budget)
         specdecpp = self.config.length_policy == "specdec++"
         self.length_policy = create_length_policy(
             self.config.length_policy, self.config.acceptance_threshold if specdecpp else self.config.min_prob, "path")
         self.acceptance = _acceptance_head(self.config.acceptance_head, model, target) if specdecpp else None
         self._forward_seconds = 0.0  # running seconds per draft forward (the specdec++ policy's cost)
 
+    @property
+    def forward_seconds(self) -> float:
+        return self.runner.forward_seconds
+
+    @property
+    def device(self) -> torch.device:
+        """The draft model's device (``draft_device`` in the bench; tokens cross through ``state.transfer``)."""
+        return self.runner.device
+
     # ------------------------------------------------------------------ engine hooks
     def begin(self, state: DecodeState) -> None:
         self.runner.reset()
         self.cached = torch.zeros(0, dtype=torch.long)
-        needs_costs = (self.config.budget == "auto" and self.config.mode == "tree") or self.acceptance is not None
-        if self._costs is None and needs_costs:
-            self._costs = forward_costs(self.target_model)  # here, not mid-proposal: a proposal may run beside
-            #                                                 the target's forward (overlap mode)
-        if self.acceptance is not None:
-            self.length_policy.costs = self._costs
+        if self.budget_policy.auto or self.acceptance is not None:  # here, not mid-proposal: a proposal may run
+            costs = self.budget_policy.measured_costs()  # beside the target's forward (overlap mode)
+            if self.acceptance is not None:
+                self.length_policy.costs = costs
 
     def propose(self, state: DecodeState) -> DraftTree:
-        topk, width, budget = self.config.shape()
+        topk, width, _ = self.config.shape()
         depth = min(self.config.depth, state.remaining - 1)
         if depth < 1:
-            return DraftTree.empty(state.sequence.device)  # no memo: nothing read, observe leaves the cache alone
+            empty = DraftTree.empty(state.sequence.device)  # no memo: nothing read, observe leaves the cache alone
+            return empty.with_budget(0) if self.budget_policy.auto else empty  # an auto budget kept no node
         t_start = time.perf_counter()
         root_logits = self._sync(state.transfer(state.sequence[0], "cpu"), state)
         self._cache_version += 1
         if state.sampling.do_sample and self.config.sample_tree != "topk":
             return self._propose_sampled(state, root_logits, depth, t_start)
-        dev = self.runner.device
-
-        # Pool of candidate nodes, in creation order (parents before children).
-        logp = self._log_q(root_logits[None], state)[0]
-        scores, tokens = logp.topk(topk)
-        parents = torch.full((topk,), -1, dtype=torch.long, device=dev)
-        level = torch.arange(topk, device=dev)  # pool indices of the newest level
-        fed = _Fed.empty(dev)
-        reason = StopReason.MAX_DEPTH
+        fed = _Fed.empty(self.runner.device)
         accept = None  # specdec++: predicted P(the fed best-path tokens are accepted), a tensor (no sync here)
-        for d in range(2, depth + 1):
-            lvl_scores = scores[level]
-            reason = self.length_policy.stop(self._signal(d - 1, scores, parents, level, accept))
-            if reason is not None:
-                break
-            reason = StopReason.MAX_DEPTH
-            expand = level[lvl_scores.topk(min(width, level.numel())).indices]  # [w] pool indices, best first
+
+        def expand(tokens: torch.Tensor, parents: torch.Tensor, nodes: torch.Tensor, d: int) -> torch.Tensor:
+            nonlocal accept
             t_feed = time.perf_counter()
-            logits, paths, hidden = self._feed(fed, tokens, parents, expand, d, state.sampling.penalizes_repetition)
+            logits, paths, hidden = self._feed(fed, tokens, parents, nodes, d + 1, state.sampling.penalizes_repetition)
             if self.acceptance is not None:  # the head reads the best expanded node's state: is it accepted?
                 p_fed = self.acceptance.accept_prob(hidden[0])
                 accept = p_fed if accept is None else accept * p_fed
             spent = time.perf_counter() - t_feed
             self._forward_seconds = spent if not self._forward_seconds else 0.9 * self._forward_seconds + 0.1 * spent
-            child_logp, child_tok = self._log_q(logits, state, paths).topk(topk)  # [w, topk]
-            n_pool = tokens.numel()
-            scores = torch.cat([scores, (scores[expand, None] + child_logp).flatten()])
-            tokens = torch.cat([tokens, child_tok.flatten()])
-            parents = torch.cat([parents, expand.repeat_interleave(topk)])
-            level = torch.arange(n_pool, tokens.numel(), device=dev)
+            return self._log_q(logits, state, paths)  # [w, V]
 
-        # Keep the best `budget` nodes; a stable sort puts a parent before an equally scored child.
-        order = torch.sort(scores, descending=True, stable=True).indices
-        budget, predicted = self._auto_budget(scores[order], budget, t_start)
+        def stop(drafted: int, scores: torch.Tensor, parents: torch.Tensor, level: torch.Tensor):
+            """The length policy on the best path (specdec++: and the predicted acceptance, 1 when none was fed)."""
+            p_fed = None if self.acceptance is None else (accept if accept is not None else scores.new_ones(()))
+            return self.length_policy.stop(path_signal(drafted, scores, parents, level, p_fed, self._forward_seconds))
+
+        pool = grow_topk_pool(self._log_q(root_logits[None], state)[0], expand, depth, topk, width, stop)
+        order = pool.best_first()
+        budget, predicted = self.budget_policy.choose(pool.scores[order], time.perf_counter() - t_start)
         chosen = order[:budget].sort().values  # creation order is topological
-        return self._finish(state, fed, tokens, parents, chosen, predicted, stop_reason=reason)
-
-    def _signal(self, drafted: int, scores: torch.Tensor, parents: torch.Tensor, level: torch.Tensor,
-                accept: torch.Tensor | None = None) -> DepthSignal:
-        """What the length policy sees after ``drafted`` levels: the best path's probability and its last token's,
-        and (specdec++) the predicted acceptance of the tokens fed so far (1 when none was fed)."""
-        best = level[scores[level].argmax()]
-        parent = parents[best]
-        last = torch.where(parent >= 0, scores[best] - scores[parent.clamp(min=0)], scores[best])
-        values = torch.stack([scores[best], last]).exp().float()
-        if self.acceptance is not None:
-            values = torch.cat([values, (accept if accept is not None else values.new_ones(())).float().reshape(1)])
-        read = values.tolist()  # one host sync per level
-        return DepthSignal(drafted, read[0], read[1], read[2] if self.acceptance is not None else None,
-                           self._forward_seconds)
+        return self._finish(state, fed, pool.tokens, pool.parents, chosen, predicted, stop_reason=pool.stop_reason)
 
     def _propose_sampled(self, state: DecodeState, root_logits: torch.Tensor, depth: int,
                          t_start: float) -> DraftTree:
         """Children drawn from q (module docstring): the pool grows level by level as in the greedy tree (the
         ``width`` best-scored nodes of a level are expanded), then whole sibling groups are kept in the order of
         their parent's score."""
-        topk, width, budget = self.config.shape(sampled=True)
+        topk, width, _ = self.config.shape(sampled=True)
         kind = ProposalKind.IID if self.config.mode == "chain" else SAMPLE_TREES[self.config.sample_tree]
         fed = _Fed.empty(self.runner.device)
 
@@ -420,26 +402,10 @@ class DraftModelDrafter(Drafter):
         check_draft_distribution(root_log_q, self.runner.model)
         pool = grow_sampled_pool(root_log_q, expand, depth, topk, width, kind, state.generator)
         order = sampled_order(pool)  # whole sibling groups by their parent's score, the last one cut by draw rank
-        predicted = None
-        if self.config.budget == "auto" and self.config.mode == "tree":
-            budget, predicted = self._auto_budget(pool.scores[order], budget, t_start)
+        budget, predicted = self.budget_policy.choose(pool.scores[order], time.perf_counter() - t_start)
         chosen = order[:budget].sort().values  # creation order: parents first, siblings in draw order
         return self._finish(state, fed, pool.tokens, pool.parents, chosen, predicted, pool.q_at(chosen), kind,
                             StopReason.MAX_DEPTH)
-
-    def _auto_budget(self, ordered_scores: torch.Tensor, budget: int, t_start: float) -> tuple[int, float | None]:
-        """``budget`` unless it is "auto": then the node count (<= max_budget) that maximises expected tokens per
-        second, from node values exp(score) * calibration in the given (ancestor-closed, best-first) order; and the
-        tokens that count predicts (None for a fixed budget)."""
-        if self.config.budget != "auto" or self.config.mode == "chain":
-            self.tree_budget = None
-            return budget, None
-        if self._costs is None:
-            self._costs = forward_costs(self.target_model)
-        values = (ordered_scores.float().exp() * self._calibration).clamp(max=1.0)
-        k = choose_budget(values, self._costs, time.perf_counter() - t_start, budget)
-        self.tree_budget = k
-        return k, float(values[:k].sum())
 
     def _feed(self, fed: "_Fed", tokens: torch.Tensor, parents: torch.Tensor, expand: torch.Tensor, d: int,
               track_paths: bool) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
@@ -473,10 +439,7 @@ class DraftModelDrafter(Drafter):
                 kind: ProposalKind = ProposalKind.POINT_MASS, stop_reason: StopReason | None = None) -> DraftTree:
         """The tree of pool nodes ``chosen`` (increasing, ancestor-closed), carrying the pool for ``observe``."""
         dev = self.runner.device
-        remap = torch.full((tokens.numel(),), -1, dtype=torch.long, device=dev)
-        remap[chosen] = torch.arange(chosen.numel(), device=dev)
-        chosen_parents = parents[chosen]
-        new_parents = torch.where(chosen_parents >= 0, remap[chosen_parents.clamp(min=0)], chosen_parents)
+        new_parents = kept_parents(parents[chosen], chosen, tokens.numel())
         fed_slots = torch.cat([fed.slot, torch.full((tokens.numel() - fed.slot.numel(),), -1, dtype=torch.long,
                                                     device=dev)])
         f = fed.anc.shape[0]
@@ -485,7 +448,9 @@ class DraftModelDrafter(Drafter):
             fed_pool = torch.nonzero(fed_slots >= 0).flatten()  # a sequence, kept by the next _sync if it matches
             self.cached = torch.cat([self.cached, tokens[fed_pool[fed_slots[fed_pool].argsort()]].cpu()])
         memo = _Proposal(tree_base, chosen, fed_slots, tokens, predicted, self._cache_version)
-        return DraftTree(tokens[chosen], new_parents, draft_probs, kind, stop_reason, memo)  # the engine moves it
+        budget = None if predicted is None else chosen.numel()  # an auto budget's choice, for the stats
+        return DraftTree(tokens[chosen], new_parents, draft_probs, kind, stop_reason, memo, budget)  # the engine
+        #                                                                                             moves it
 
     def _log_q(self, logits: torch.Tensor, state: DecodeState, paths: torch.Tensor | None = None) -> torch.Tensor:
         """FloatTensor [m, V]: log of the draft distribution after each row of ``logits`` [m, V], through the same
@@ -504,10 +469,7 @@ class DraftModelDrafter(Drafter):
         if memo is None or self.runner.length == 0:
             return
         accepted = outcome.result.num_accepted
-        if memo.predicted is not None:  # auto budget: about the last ten steps (specdec.budget); no nodes, no
-            #                             evidence: the calibration relaxes toward 1
-            self._calibration = update_calibration(self._calibration, accepted if outcome.tree.size else 0,
-                                                   memo.predicted if outcome.tree.size else 0.0)
+        self.budget_policy.observe(memo.predicted, outcome.tree.size, accepted)
         if outcome.tree.size:
             self.length_policy.observe(outcome.tree.max_depth, accepted, self._forward_seconds)
         if memo.cache_version != self._cache_version:  # a later proposal drafted ahead: _sync reconciles the cache

@@ -18,6 +18,10 @@ import torch
 from specdec.sampling import sample
 from specdec.tree import ProposalKind
 
+# a sampling drafter's ``sample_tree`` option -> how its tree's children are chosen ("topk": the greedy tree on q)
+SAMPLE_TREES = {"without_replacement": ProposalKind.WITHOUT_REPLACEMENT, "iid": ProposalKind.IID,
+                "topk": ProposalKind.POINT_MASS}
+
 # (pool tokens [P], pool parents [P], nodes [w] to expand, depth d of those nodes) -> log q of their children [w, V]
 Expand = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, int], torch.Tensor]
 

@@ -40,10 +40,11 @@ from dataclasses import dataclass
 
 import torch
 
-from specdec.budget import ForwardCosts, best_nodes, forward_costs
+from specdec.budget import ForwardCosts
 from specdec.drafters import register_drafter
 from specdec.drafters.base import Drafter
 from specdec.drafters.prompt_lookup import lookup_continuations
+from specdec.drafters.tree_budget import TreeBudget
 from specdec.drafters.tree_templates import TEMPLATE_2_2_2, compile_template
 from specdec.errors import IncompatibleModelsError, InvalidInputError
 from specdec.state import DecodeState, StepOutcome
@@ -103,9 +104,9 @@ class TokenRecyclingDrafter(Drafter):
         if self.config.k > self.vocab_size:
             raise InvalidInputError(f"token-recycling k={self.config.k} exceeds the vocabulary ({self.vocab_size})")
         dev = weight.device
-        self.costs = ForwardCosts.from_mapping(costs) if isinstance(costs, Mapping) else costs
-        if self.costs is None and self.config.budget == "auto":
-            self.costs = forward_costs(target, cache_dir=self.config.cost_cache)
+        self.budget_policy = TreeBudget(target, self.config.budget, costs=costs, cache_dir=self.config.cost_cache)
+        if self.budget_policy.auto:
+            self.budget_policy.measured_costs()
         tpl = self.template
         self._parent_slot = (tpl.parents + 1).to(dev)  # [N] slot of each node's parent in [root, nodes]
         self._ranks = tpl.ranks.to(dev)  # [N]
@@ -181,16 +182,15 @@ class TokenRecyclingDrafter(Drafter):
         pool_tokens = torch.cat([tokens, torch.nn.functional.pad(chain, (0, depth - chain.numel()))])  # [N+D]
         pool_valid = torch.cat([valid, torch.arange(depth) < chain.numel()])  # [N+D]
         chain_values = self.lookup_estimates[ngram - 1] if ngram else torch.zeros(depth, dtype=torch.float64)
-        budget = None if self.config.budget == "auto" else int(self.config.budget)
-        keep = best_nodes(torch.cat([self.estimates, chain_values]), self._pool_parents, self.costs,
-                          self.draft_seconds, budget, pool_valid)  # [n]
+        keep = self.budget_policy.select(torch.cat([self.estimates, chain_values]), self._pool_parents,
+                                         self.draft_seconds, pool_valid)  # [n]
         # token paths of the kept nodes; from_paths merges a chain node into a kept template node with its path
         paths = self._path_tokens(pool_tokens)[keep].tolist()
         tree = DraftTree.from_paths([p[:d] for p, d in zip(paths, self._pool_depths[keep].tolist())], device=dev)
 
-        self.tree_budget = tree.size  # the kept nodes, less chain nodes that share a template node's slot
-        # memo for observe: root, pool tokens, usable pool nodes, n-gram size of the lookup chain, seconds spent
-        return tree.with_memo((root, pool_tokens, pool_valid, ngram, time.perf_counter() - t0))
+        # budget: the kept nodes, less chain nodes that share a template node's slot; memo for observe: root, pool
+        # tokens, usable pool nodes, n-gram size of the lookup chain, seconds spent
+        return tree.with_budget(tree.size).with_memo((root, pool_tokens, pool_valid, ngram, time.perf_counter() - t0))
 
     def _path_tokens(self, pool_tokens: torch.Tensor) -> torch.Tensor:
         """LongTensor [N+D, W]: the tokens on the path to each pool node (depth 1 first), -1 past its depth."""

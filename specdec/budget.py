@@ -23,17 +23,11 @@ from pathlib import Path
 import torch
 
 from specdec.errors import InvalidInputError
-from specdec.files import write_json_atomic
+from specdec.files import default_cache_dir, write_json_atomic
 from specdec.runner import CausalLMRunner, text_config
 
 DEFAULT_SIZES = (1, 2, 4, 8, 16, 32, 64)
 CACHE_FILE = "forward_costs.json"
-
-
-def default_cache_dir() -> Path:
-    """``$XDG_CACHE_HOME/specdec`` (default ``~/.cache/specdec``), beside the converted models."""
-    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
-    return Path(base) / "specdec"
 
 
 @dataclass(frozen=True)

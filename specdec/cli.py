@@ -9,7 +9,8 @@ import argparse
 import sys
 import time
 
-from specdec.errors import InvalidInputError, SpecDecError, UnknownNameError
+from specdec.errors import SpecDecError, UnknownNameError
+from specdec.loading import device_map_of, gguf_of, load_models  # noqa: F401  (device_map_of: tests, older imports)
 from specdec.presets import available_presets, load_preset
 from specdec.settings_check import check_settings
 
@@ -126,59 +127,6 @@ def select_drafters(entries: dict, wanted: list[str] | None) -> list[dict]:
     return out
 
 
-def load_models(cfg: dict):
-    import torch
-
-    from specdec import models
-
-    dtype = None if cfg["dtype"] == "auto" else getattr(torch, cfg["dtype"])  # None: native bf16, else fp32
-    weights = cfg.get("weights", "dense")
-    placement = {"device_map": device_map_of(cfg.get("device_map")), "offload_folder": cfg.get("offload_folder")}
-    target, tokenizer = _load(models, cfg["target"], dtype, weights=weights, **placement)
-    cfg["dtype"] = str(target.dtype).removeprefix("torch.")  # what "auto" chose, for the report
-    draft = None
-    if cfg.get("draft"):  # it shares the target's tokenizer
-        draft, _ = _load(models, cfg["draft"], target.dtype, tokenizer=False, weights=weights,
-                         device=cfg.get("draft_device"))
-    return target, draft, tokenizer
-
-
-def device_map_of(value):
-    """A --device-map / preset value: None, "auto", or a dict (given as one or as a JSON object string)."""
-    import json
-
-    if value is None or isinstance(value, dict) or value == "auto":
-        return value
-    try:
-        parsed = json.loads(value)
-    except (TypeError, json.JSONDecodeError) as exc:
-        raise InvalidInputError(f"--device-map must be 'auto' or a JSON object such as "
-                                f"'{{\"model.layers.20\": \"disk\"}}', got {value!r}") from exc
-    if not isinstance(parsed, dict):
-        raise InvalidInputError(f"--device-map must be 'auto' or a JSON object, got {value!r}")
-    return parsed
-
-
-def _load(models, name: str, dtype, tokenizer: bool = True, weights: str = "dense", **placement):
-    from pathlib import Path
-
-    from specdec.memory import limit_heap_retention
-
-    limit_heap_retention()  # freed loading temporaries and activations go back to the OS (peak RSS)
-    if Path(name).is_dir():  # read, not memory-mapped (peak RSS)
-        return models.load_folder(name, dtype=dtype, tokenizer=tokenizer, weights=weights, **placement)
-    return models.load(name, dtype=dtype, tokenizer=tokenizer, weights=weights, **placement)
-
-
-def _gguf_of(target: str):
-    """The GGUF file of a registered target (what the llama-cpp baselines run); None for a local folder."""
-    from pathlib import Path
-
-    from specdec import models
-
-    return None if Path(target).is_dir() else models.gguf_path(target)
-
-
 def cmd_bench(cfg: dict, progress: bool) -> int:
     import torch
 
@@ -210,7 +158,7 @@ def cmd_bench(cfg: dict, progress: bool) -> int:
         from specdec.benchmarks.llama_cpp import import_llama_cpp
 
         import_llama_cpp()  # before anything runs: a missing extra is a clear error, not a failure mid-benchmark
-        gguf = _gguf_of(cfg["target"])
+        gguf = gguf_of(cfg["target"])
     methods = [build_method(s, target, draft, sampling, gguf=gguf, threads=torch.get_num_threads()) for s in specs]
     eos = target.generation_config.eos_token_id
     encode = lambda p: P.encode(tokenizer, p, chat=cfg.get("chat", True))  # noqa: E731
@@ -272,7 +220,7 @@ def cmd_trigrams(args: argparse.Namespace) -> int:
     from transformers import AutoTokenizer
 
     from specdec import models
-    from specdec.drafters.trigram_table import build_from_files
+    from specdec.drafters.aded.trigram_table import build_from_files
 
     folder = args.tokenizer if Path(args.tokenizer).is_dir() else str(models.local_path(args.tokenizer))
     tokenizer = AutoTokenizer.from_pretrained(folder)

@@ -18,15 +18,14 @@ from specdec.arguments import as_count, check_drafter
 from specdec.concurrency import one_generation_at_a_time
 from specdec.drafters.base import Drafter
 from specdec.errors import IncompatibleModelsError, InvalidInputError
-from specdec.overlap import OverlapRounds, check_can_overlap, drafter_device, split_threads
+from specdec.overlap import OverlapRounds, check_can_overlap, split_threads
 from specdec.runner import CausalLMRunner
-from specdec.sampling import SamplingConfig, apply_repetition_penalty, next_token, seen_mask, tree_seen_mask
-from specdec.state import DecodeState, StepOutcome
+from specdec.sampling import SamplingConfig, apply_repetition_penalty, next_token, seen_mask
+from specdec.state import DecodeState, StepOutcome, VerificationResult
 from specdec.stats import DecodingStats
+from specdec.step import emit, fit, on_device, verify_and_commit
 from specdec.stopping import StoppingRules, normalize_eos
-from specdec.tree import DraftTree
-from specdec.verifiers import Verifier, create_verifier
-from specdec.verifiers.base import VerificationResult
+from specdec.verifiers.base import Verifier, create_verifier
 
 
 _FROM_CONFIG = object()  # sentinel: take eos_token_id from the target's generation config
@@ -56,7 +55,7 @@ class SpecEngine:
         self.runner = CausalLMRunner(target)
         self.drafter = drafter
         self.verifier = create_verifier(verifier)
-        if getattr(drafter, "target_model", target) is not target:
+        if drafter.target is not target:
             raise IncompatibleModelsError("the drafter was created for a different target model")
         self.overlap = bool(overlap)
         if threads is not None and not self.overlap:
@@ -103,7 +102,7 @@ class SpecEngine:
                               [stop_strings] if isinstance(stop_strings, str) else list(stop_strings or []),
                               tokenizer)
         stats = DecodingStats(lossless=self.verifier.lossless, verifier=self.verifier.name,
-                              drafter=getattr(self.drafter, "name", type(self.drafter).__name__))
+                              drafter=self.drafter.name)
         draft_forwards_before = self.drafter.forward_count
 
         t0 = time.perf_counter()
@@ -118,7 +117,7 @@ class SpecEngine:
                             sampling=sampling, generator=generator, max_new_tokens=max_new_tokens)
         if prefill.hidden_states is not None:
             state.target_hidden = prefill.hidden_states[-1]
-        done = self._emit(state, stops, first, streamer)
+        done = emit(state, stops, first, streamer)
         if not done:
             self.drafter.begin(state)
             if self.overlap:
@@ -136,46 +135,36 @@ class SpecEngine:
 
     def _overlapped(self, state: DecodeState, stops: StoppingRules, stats: DecodingStats, streamer) -> None:
         """The rounds of overlap mode, with the target's and the drafter's own torch thread counts."""
-        draft_device = drafter_device(self.drafter, self.runner.device)
-        target_threads, draft_threads = split_threads(self.threads, draft_device.type == "cpu")
+        target_threads, draft_threads = split_threads(self.threads, self.drafter.device.type == "cpu")
         before = torch.get_num_threads()
         torch.set_num_threads(target_threads)
         try:
-            OverlapRounds(self, draft_threads).run(state, stops, stats, streamer)
+            OverlapRounds(self.runner, self.drafter, self.verifier, draft_threads).run(state, stops, stats, streamer)
         finally:
             torch.set_num_threads(before)
 
     # ------------------------------------------------------------------ one step
     def _step(self, state: DecodeState, stops: StoppingRules, stats: DecodingStats, streamer) -> bool:
+        """draft -> verify (one target forward over the root and the tree) -> commit -> emit -> observe."""
         t0 = time.perf_counter()
         forwards_before = self._forward_seconds()
-        proposed = self._to_target(self.drafter.propose(state), stats)
-        tree, index_in_proposed = self._fit(proposed, state.remaining)
+        proposed = on_device(self.drafter.propose(state), self.runner.device, stats)
+        tree, index_in_proposed = fit(proposed, state.remaining)
         t1 = time.perf_counter()
 
         prefix_len = self.runner.length  # == len(sequence) - 1: the root is fed with the tree
         slot_tokens = torch.cat([state.sequence[0, -1:], tree.tokens.to(state.sequence.device)])
         hidden = self.drafter.needs_target_hidden_states
         out = self.runner.forward(slot_tokens, tree.slot_positions(prefix_len), tree.ancestors, hidden)
-        logits = out.logits  # [n+1, V]
-        if state.sampling.penalizes_repetition:  # each slot penalises the sequence and its own draft path
-            seen = tree_seen_mask(state.sequence[0], tree, logits.shape[-1])
-            logits = apply_repetition_penalty(logits, seen, state.sampling.repetition_penalty)
-        result = self.verifier.verify(tree, logits, state.sampling, state.generator)
-        keep = torch.cat([result.accepted_nodes.new_zeros(1), result.accepted_nodes + 1])
-        self.runner.commit(prefix_len, keep)
+        step = verify_and_commit(self.runner, self.verifier, state, tree, out.logits, prefix_len, stats, proposed)
         if hidden:
-            state.target_hidden = out.hidden_states[-1][keep]
+            state.target_hidden = out.hidden_states[-1][step.kept_slots]
         stats.verify_time += time.perf_counter() - t1
         stats.draft_time += t1 - t0
-        stats.target_forwards += 1
-        stats.accepted_lengths.append(result.num_accepted + 1)
-        stats.draft_depths.append(tree.max_depth)
-        stats.tree_sizes.append(tree.size)
-        self._record_proposal(proposed, stats)
+        done = emit(state, stops, step.tokens, streamer)
 
-        done = self._emit(state, stops, result.tokens, streamer)
-        if tree is not proposed:  # report node indices of the tree the drafter proposed
+        result = step.result
+        if index_in_proposed is not None:  # report node indices of the tree the drafter proposed
             result = VerificationResult(index_in_proposed[result.accepted_nodes], result.tokens, result.bonus)
         outcome = StepOutcome(proposed, result, out.logits, state.sequence[0, -result.tokens.numel():],
                               out.hidden_states)
@@ -188,41 +177,9 @@ class SpecEngine:
         return done
 
     def _forward_seconds(self) -> tuple[float, float]:
-        """Seconds spent so far inside the target's and the draft model's forwards (drafters without a model
-        runner: 0): the timing hook of the per-step overhead (DecodingStats.overhead_time)."""
-        draft_runner = getattr(self.drafter, "runner", None)
-        return self.runner.forward_seconds, getattr(draft_runner, "forward_seconds", 0.0)
-
-    def _record_proposal(self, proposed: DraftTree, stats: DecodingStats) -> None:
-        budget = getattr(self.drafter, "tree_budget", None)  # drafters that size trees to the hardware report it
-        if budget is not None:
-            stats.tree_budgets.append(int(budget))
-        if proposed.stop_reason is not None:  # sequential drafters: why the draft ended (specdec.draft_length)
-            reason = str(getattr(proposed.stop_reason, "value", proposed.stop_reason))
-            stats.stop_reasons[reason] = stats.stop_reasons.get(reason, 0) + 1
-
-    def _to_target(self, tree: DraftTree, stats: DecodingStats) -> DraftTree:
-        """A proposal on the target's device; a real move's time goes to ``stats.transfer_time``."""
-        if tree.tokens.device == self.runner.device:
-            return tree
-        t0 = time.perf_counter()
-        moved = tree.to(self.runner.device)
-        stats.transfer_time += time.perf_counter() - t0
-        return moved
-
-    def _emit(self, state: DecodeState, stops: StoppingRules, tokens: torch.Tensor, streamer) -> bool:
-        emitted, done = stops.cut(state.sequence[0], state.prompt_len, tokens.to(state.sequence.device))
-        state.sequence = torch.cat([state.sequence, emitted[None]], dim=1)
-        if streamer is not None and emitted.numel():
-            streamer.put(emitted.cpu())
-        return done
-
-    @staticmethod
-    def _fit(tree: DraftTree, remaining: int) -> tuple[DraftTree, torch.Tensor | None]:
-        """Drop nodes deeper than the tokens still allowed (a step emits accepted + 1)."""
-        if tree.size == 0 or tree.max_depth <= remaining - 1:
-            return tree, None
-        return tree.prune(tree.depths <= remaining - 1)
+        """Seconds spent so far inside the target's and the drafter's model forwards: the timing hook of the
+        per-step overhead (DecodingStats.overhead_time)."""
+        return self.runner.forward_seconds, self.drafter.forward_seconds
 
     # ------------------------------------------------------------------ input checks
     def _check_prompt(self, input_ids, attention_mask) -> torch.Tensor:

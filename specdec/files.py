@@ -1,5 +1,6 @@
-"""Files that other processes may read while one rewrites them (forward costs, layer sets, heads, training
-checkpoints and feature chunks): written to a temporary file beside the target, then renamed onto it."""
+"""Where specdec keeps its files (:func:`default_cache_dir`), and files that other processes may read while one
+rewrites them (forward costs, layer sets, heads, training checkpoints and feature chunks): written to a temporary
+file beside the target, then renamed onto it."""
 
 from __future__ import annotations
 
@@ -9,6 +10,12 @@ import os
 import tempfile
 from pathlib import Path
 from typing import Callable
+
+
+def default_cache_dir() -> Path:
+    """``$XDG_CACHE_HOME/specdec`` (default ``~/.cache/specdec``): models, kernels, forward costs, layer sets."""
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base) / "specdec"
 
 
 def _umask() -> int:

@@ -31,11 +31,12 @@ import torch
 
 from specdec.drafters.base import Drafter
 from specdec.errors import InvalidInputError
-from specdec.sampling import apply_repetition_penalty, tree_seen_mask
-from specdec.state import DecodeState, StepOutcome
+from specdec.runner import CausalLMRunner
+from specdec.state import DecodeState, StepOutcome, VerificationResult
 from specdec.stats import DecodingStats
+from specdec.step import emit, fit, on_device, step_tokens, verify_and_commit
 from specdec.tree import DraftTree
-from specdec.verifiers.base import VerificationResult
+from specdec.verifiers.base import Verifier
 
 
 def check_can_overlap(drafter: Drafter) -> None:
@@ -46,12 +47,6 @@ def check_can_overlap(drafter: Drafter) -> None:
     if not drafter.can_draft_ahead:
         raise InvalidInputError(f"overlap=True: the {drafter.name!r} drafter drafts on the target's own KV cache, "
                                 f"which the target's forward is extending; use overlap=False")
-
-
-def drafter_device(drafter: Drafter, default: torch.device) -> torch.device:
-    """Where the drafter's model runs (its runner's device); ``default`` for model-free drafters."""
-    runner = getattr(drafter, "runner", None)
-    return runner.device if runner is not None else default
 
 
 def split_threads(threads: "tuple[int, int] | None", draft_on_cpu: bool) -> tuple[int, int]:
@@ -78,10 +73,12 @@ class _Pending:
 
 
 class OverlapRounds:
-    """Runs the rounds of one generate() call for :class:`specdec.engine.SpecEngine` (``overlap=True``)."""
+    """Runs the rounds of one generate() call for :class:`specdec.engine.SpecEngine` (``overlap=True``): the
+    target's ``runner`` verifies with ``verifier`` while ``drafter`` drafts ahead in a worker with
+    ``draft_threads`` torch threads."""
 
-    def __init__(self, engine, draft_threads: int):
-        self.engine = engine
+    def __init__(self, runner: CausalLMRunner, drafter: Drafter, verifier: Verifier, draft_threads: int):
+        self.runner, self.drafter, self.verifier = runner, drafter, verifier
         self.draft_threads = draft_threads
 
     def run(self, state: DecodeState, stops, stats: DecodingStats, streamer) -> None:
@@ -98,13 +95,15 @@ class OverlapRounds:
     # ------------------------------------------------------------------ one round
     def _round(self, worker: ThreadPoolExecutor, state: DecodeState, stops, stats: DecodingStats, streamer,
                pending: "_Pending | None") -> "tuple[bool, _Pending | None]":
-        engine, runner, drafter = self.engine, self.engine.runner, self.engine.drafter
+        """verify the pending tree (target) while drafting ahead below its guess (worker) -> verify the grafted
+        tree -> commit -> emit -> observe the pending proposal; returns (done, the next round's pending tree)."""
+        runner, drafter = self.runner, self.drafter
         dev = state.sequence.device
         if pending is None:
             tree, index = DraftTree.empty(dev), torch.zeros(0, dtype=torch.long, device=dev)
         else:
             tree, index = pending.proposal.subtree(pending.anchor)
-        tree, fit_index = engine._fit(tree, state.remaining)
+        tree, fit_index = fit(tree, state.remaining)
         if fit_index is not None:
             index = index[fit_index]
         guess = tree.main_path()
@@ -126,52 +125,35 @@ class OverlapRounds:
         t2 = time.perf_counter()
         stats.draft_time += draft_seconds
         stats.draft_wait_time += t2 - t1
-        ahead = engine._to_target(ahead, stats)
+        ahead = on_device(ahead, runner.device, stats)
         stats.transfer_time += ahead_state.transfer_time
 
-        # the tree with the proposal drafted ahead hung below its guess (rows of grafted nodes: placeholders)
+        # the tree with the proposal drafted ahead hung below its guess (the forward scored only ``tree``)
         leaf = int(guess[-1]) if guess.numel() else -1
-        graft, _ = engine._fit(tree.graft(ahead, leaf), state.remaining)
-        n_tree = tree.size
-        grafted = graft.size - n_tree
-        logits = torch.cat([out.logits, out.logits.new_zeros(grafted, out.logits.shape[-1])])
-        if state.sampling.penalizes_repetition:
-            logits = apply_repetition_penalty(logits, tree_seen_mask(state.sequence[0], graft, logits.shape[-1]),
-                                              state.sampling.repetition_penalty)
-        result = self.engine.verifier.verify(graft, logits, state.sampling, state.generator)
-        accepted = result.accepted_nodes
-        hit = bool(accepted.numel()) and int(accepted[-1]) >= n_tree
-        on_tree = accepted[:-1] if hit else accepted
-        tokens = self._tokens(graft, result, hit)
-        runner.commit(prefix_len, torch.cat([on_tree.new_zeros(1), on_tree + 1]))
+        graft, _ = fit(tree.graft(ahead, leaf), state.remaining)
+        step = verify_and_commit(runner, self.verifier, state, graft, out.logits, prefix_len, stats, ahead,
+                                 self._tokens)
         stats.verify_time += time.perf_counter() - t2 + (t1 - t0)
-        stats.target_forwards += 1
-        stats.accepted_lengths.append(int(tokens.numel()))
-        stats.draft_depths.append(graft.max_depth)
-        stats.tree_sizes.append(graft.size)
-        stats.lookahead["accepted" if hit else ("missed" if grafted else "none")] += 1
-        engine._record_proposal(ahead, stats)
+        grafted = graft.size > tree.size
+        stats.lookahead["accepted" if step.lookahead else ("missed" if grafted else "none")] += 1
 
-        done = engine._emit(state, stops, tokens, streamer)
+        done = emit(state, stops, step.tokens, streamer)
         t3 = time.perf_counter()
         if pending is not None:
-            here = VerificationResult(on_tree, tokens, bonus=result.bonus and not hit)
-            self._observe(state, pending, index, here, out.logits, stats, emitted=state.sequence[0, -tokens.numel():])
+            here = VerificationResult(step.accepted, step.tokens, bonus=step.result.bonus and not step.lookahead)
+            self._observe(state, pending, index, here, out.logits, stats,
+                          emitted=state.sequence[0, -step.tokens.numel():])
         nxt = None
-        if hit:  # the accepted grafted node: the same position among the proposal's depth-1 nodes
+        if step.lookahead:  # the accepted grafted node: the same position among the proposal's depth-1 nodes
             first = torch.nonzero(ahead.parents < 0).flatten()
-            anchor = int(first[int(accepted[-1]) - n_tree])
+            anchor = int(first[int(step.result.accepted_nodes[-1]) - tree.size])
             nxt = _Pending(ahead, anchor, out.logits[leaf + 1])
         elif ahead.size:
             drafter.discard(ahead)
         stats.draft_time += time.perf_counter() - t3
         return done, nxt
 
-    @staticmethod
-    def _tokens(graft: DraftTree, result: VerificationResult, hit: bool) -> torch.Tensor:
-        """The round's tokens: the accepted path, then the bonus or recovered token, except after a grafted token
-        (its row is a placeholder: a hit emits no bonus)."""
-        return graft.tokens[result.accepted_nodes] if hit else result.tokens
+    _tokens = staticmethod(step_tokens)  # what a round emits (specdec.step.step_tokens)
 
     def _observe(self, state: DecodeState, pending: _Pending, index, result, logits, stats: DecodingStats,
                  emitted: torch.Tensor | None = None) -> None:
@@ -197,7 +179,7 @@ class OverlapRounds:
             emitted = torch.cat([anchor_token, emitted.to(dev)])
         t0 = time.perf_counter()
         outcome = StepOutcome(proposal, VerificationResult(accepted, tokens, bonus), rows, emitted, scored=scored)
-        self.engine.drafter.observe(state, outcome)
+        self.drafter.observe(state, outcome)
         stats.draft_time += time.perf_counter() - t0
 
 

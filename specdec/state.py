@@ -1,4 +1,11 @@
-"""What the engine shares with drafters: the decoding state before a step and the outcome after it."""
+"""What the engine shares with drafters and verifiers: the decoding state before a step, the verification result
+and the outcome after it.
+
+Vocabulary of a result (as in vLLM's rejection sampler): *accepted* tokens are draft nodes the target keeps; after
+the first rejection the step ends with a *recovered* token (drawn from the target, or its residual); when a whole
+root-to-leaf path is accepted the step ends with a *bonus* token drawn from the target at the leaf. Either way a
+step emits ``accepted + 1`` tokens, and we call that last token ``next_token``.
+"""
 
 from __future__ import annotations
 
@@ -10,7 +17,22 @@ import torch
 from specdec.runner import CausalLMRunner
 from specdec.sampling import SamplingConfig
 from specdec.tree import DraftTree
-from specdec.verifiers.base import VerificationResult
+
+
+@dataclass(frozen=True)
+class VerificationResult:
+    accepted_nodes: torch.Tensor  # LongTensor [a]: draft node indices on the accepted path, depth 1..a
+    tokens: torch.Tensor  # LongTensor [a + 1]: accepted tokens followed by next_token (recovered or bonus)
+    bonus: bool  # True when next_token is a bonus token (the path ended at a leaf, all accepted)
+
+    @property
+    def num_accepted(self) -> int:
+        return int(self.accepted_nodes.numel())
+
+    @staticmethod
+    def make_dummy(num_accepted: int = 2) -> "VerificationResult":
+        nodes = torch.arange(num_accepted)
+        return VerificationResult(nodes, torch.arange(num_accepted + 1) + 10, bonus=False)
 
 
 @dataclass

@@ -76,6 +76,21 @@ class DecodingStats:
         self.target_forward_time += target_forward
         self.draft_forward_time += draft_forward
 
+    def record_step(self, tokens: int, tree_depth: int, tree_size: int) -> None:
+        """One verification forward that produced ``tokens`` (accepted + 1) over a tree of that depth and size."""
+        self.target_forwards += 1
+        self.accepted_lengths.append(tokens)
+        self.draft_depths.append(tree_depth)
+        self.tree_sizes.append(tree_size)
+
+    def record_proposal(self, budget: "int | None", stop_reason: "str | None") -> None:
+        """What a proposal reported about itself: the node budget its drafter chose and why it stopped drafting."""
+        if budget is not None:  # drafters that size trees to the hardware
+            self.tree_budgets.append(int(budget))
+        if stop_reason is not None:  # sequential drafters (specdec.draft_length)
+            reason = str(getattr(stop_reason, "value", stop_reason))
+            self.stop_reasons[reason] = self.stop_reasons.get(reason, 0) + 1
+
     def acceptance_rate_by_depth(self) -> list[float]:
         return acceptance_by_depth(self.accepted_lengths, self.draft_depths)
 

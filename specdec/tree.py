@@ -36,6 +36,8 @@ class DraftTree:
     draft_probs: optional FloatTensor [n, V]: the drafter's (warped) distribution q at each node's parent, the one the
                  node was proposed from; needed only by sampling verifiers.
     stop_reason: why a sequential drafter stopped drafting deeper (specdec.draft_length.StopReason), for the stats.
+    budget: the node budget a drafter that sizes its trees chose for this proposal (``drafters/tree_budget.py``);
+            None for drafters that do not size trees. The engine records it in ``stats.tree_budgets``.
     memo: the drafter's own record of how it built this proposal (any object; None for stateless drafters). It
           travels with the tree and comes back in ``Drafter.observe`` as ``outcome.tree.memo``, so a drafter keeps
           nothing about a proposal on ``self`` and may draft ahead before an earlier proposal is observed
@@ -48,6 +50,7 @@ class DraftTree:
     proposal: ProposalKind = ProposalKind.POINT_MASS
     stop_reason: str | None = None
     memo: object = field(default=None, repr=False, compare=False)
+    budget: int | None = None
     _cache: dict = field(default_factory=dict, repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -60,11 +63,21 @@ class DraftTree:
     # ------------------------------------------------------------------ construction
     def with_stop_reason(self, reason: "str | None") -> "DraftTree":
         """The same tree (tensors shared) carrying why its drafter stopped (specdec.draft_length)."""
-        return DraftTree(self.tokens, self.parents, self.draft_probs, self.proposal, reason, self.memo)
+        return DraftTree(self.tokens, self.parents, self.draft_probs, self.proposal, reason, self.memo, self.budget)
 
     def with_memo(self, memo: object) -> "DraftTree":
         """The same tree (tensors shared) carrying the drafter's ``memo``."""
-        return DraftTree(self.tokens, self.parents, self.draft_probs, self.proposal, self.stop_reason, memo)
+        return DraftTree(self.tokens, self.parents, self.draft_probs, self.proposal, self.stop_reason, memo,
+                         self.budget)
+
+    def with_budget(self, budget: "int | None") -> "DraftTree":
+        """The same tree (tensors shared) carrying the node ``budget`` its drafter chose."""
+        return DraftTree(self.tokens, self.parents, self.draft_probs, self.proposal, self.stop_reason, self.memo,
+                         budget)
+
+    def _like(self, tokens: torch.Tensor, parents: torch.Tensor, draft_probs: "torch.Tensor | None") -> "DraftTree":
+        """Other nodes, this tree's proposal kind, stop reason, memo and budget."""
+        return DraftTree(tokens, parents, draft_probs, self.proposal, self.stop_reason, self.memo, self.budget)
 
     @staticmethod
     def empty(device: torch.device | str = "cpu") -> "DraftTree":
@@ -177,22 +190,19 @@ class DraftTree:
         """Keep the nodes where ``keep`` [n] is True (must be ancestor-closed); returns the tree and, for each of
         its nodes, the index it had here."""
         kept = torch.nonzero(keep).flatten()
-        remap = torch.full((self.size,), -1, dtype=torch.long, device=self.parents.device)
-        remap[kept] = torch.arange(kept.numel(), device=self.parents.device)
         par = self.parents[kept]
-        new_par = torch.where(par >= 0, remap[par.clamp(min=0)], par)
+        new_par = kept_parents(par, kept, self.size)
         if bool((new_par[par >= 0] < 0).any()):
             raise ValueError("pruning must keep every ancestor of a kept node")
         probs = None if self.draft_probs is None else self.draft_probs[kept]
-        return DraftTree(self.tokens[kept], new_par, probs, self.proposal, self.stop_reason, self.memo), kept
+        return self._like(self.tokens[kept], new_par, probs), kept
 
     def to(self, device: torch.device | str) -> "DraftTree":
         """This tree on ``device``; the same object (with its built buffers) when it is already there."""
         if self.tokens.device == torch.device(device):
             return self
         probs = None if self.draft_probs is None else self.draft_probs.to(device)
-        return DraftTree(self.tokens.to(device), self.parents.to(device), probs, self.proposal, self.stop_reason,
-                         self.memo)
+        return self._like(self.tokens.to(device), self.parents.to(device), probs)
 
     # ------------------------------------------------------------------ drafting ahead (SpecEngine overlap mode)
     def main_path(self) -> torch.Tensor:
@@ -211,12 +221,9 @@ class DraftTree:
         below = self.ancestors[1:, node + 1].clone()  # [n]: node itself and its descendants
         below[node] = False
         kept = torch.nonzero(below).flatten()
-        remap = torch.full((self.size,), -1, dtype=torch.long, device=self.parents.device)
-        remap[kept] = torch.arange(kept.numel(), device=self.parents.device)
-        par = self.parents[kept]
-        new_par = torch.where(par == node, torch.full_like(par, -1), remap[par.clamp(min=0)])
+        new_par = kept_parents(self.parents[kept], kept, self.size)  # ``node`` is not kept: its children get -1
         probs = None if self.draft_probs is None else self.draft_probs[kept]
-        return DraftTree(self.tokens[kept], new_par, probs, self.proposal, self.stop_reason, self.memo), kept
+        return self._like(self.tokens[kept], new_par, probs), kept
 
     def graft(self, other: "DraftTree", under: int) -> "DraftTree":
         """This tree with the children of ``other``'s root (its depth-1 nodes) hung below node ``under`` (-1: below
@@ -234,7 +241,18 @@ class DraftTree:
                                                       device=self.parents.device)])
         probs = None if self.draft_probs is None else \
             torch.cat([self.draft_probs, other.draft_probs[first].to(self.draft_probs.device)])
-        return DraftTree(tokens, parents, probs, self.proposal, self.stop_reason, self.memo)
+        return self._like(tokens, parents, probs)
+
+
+def kept_parents(parents: torch.Tensor, kept: torch.Tensor, size: int) -> torch.Tensor:
+    """LongTensor [k]: ``parents`` [k] (indices among ``size`` nodes, -1 = the root) of the nodes ``kept`` [k]
+    (increasing node indices) as indices into ``kept``; a parent that is not kept becomes -1 (the new root).
+
+    The one re-indexing behind pruning a tree, cutting a subtree, and keeping a drafter's chosen pool nodes."""
+    remap = torch.full((size,), -1, dtype=torch.long, device=kept.device)
+    remap[kept] = torch.arange(kept.numel(), device=kept.device)
+    parents = parents.to(kept.device)
+    return torch.where(parents >= 0, remap[parents.clamp(min=0)], parents)
 
 
 def _follow(first_child: list[int]) -> int:

@@ -10,9 +10,9 @@ import torch
 
 from specdec import SpecEngine
 from specdec.drafters import create_drafter
-from specdec.drafters.aded import AdedConfig, AdedDrafter
-from specdec.drafters.mcts import MCTSConfig, SuccessorCache, draft_candidates, extract, search
-from specdec.drafters.trigram_table import AdaptiveTrigrams, TrigramTable, context_key
+from specdec.drafters.aded.drafter import AdedConfig, AdedDrafter
+from specdec.drafters.aded.mcts import MCTSConfig, SuccessorCache, draft_candidates, extract, search
+from specdec.drafters.aded.trigram_table import AdaptiveTrigrams, TrigramTable, context_key
 from specdec.errors import IncompatibleModelsError, InvalidInputError
 from specdec.sampling import SamplingConfig
 from specdec.state import DecodeState
@@ -61,7 +61,7 @@ def test_counts_normalise_per_context_and_keep_the_top_successors():
 
 
 def test_counter_folds_pending_counts(monkeypatch):
-    import specdec.drafters.trigram_table as tt
+    import specdec.drafters.aded.trigram_table as tt
 
     monkeypatch.setattr(tt, "_COMPACT_AT", 4)  # fold after every sequence
     corpus = [[7, 8, 9, 7, 8, 9], [7, 8, 6], [7, 8, 9]]
@@ -216,7 +216,7 @@ def test_an_empty_table_drafts_the_repeated_context():
     tree = drafter.propose(state)
     # (10,11)->12, (11,12)->13, (12,13)->14 from the search, then the greedy extension (13,14)->10
     assert tree.tokens.tolist() == [12, 13, 14, 10] and tree.parents.tolist() == [-1, 0, 1, 2]
-    assert drafter.tree_budget == 24
+    assert tree.budget == 24
     fresh = create_drafter("aded", target=tiny_model("llama"), **REFERENCE)
     assert fresh.propose(state_of([10, 11, 12, 13])).size == 0  # nothing repeats: no draft
     assert drafter.propose(state_of([10, 11, 12, 13])).tokens.tolist() == [14, 10, 11, 12]  # boosts persist
@@ -265,8 +265,9 @@ def test_auto_budget_follows_forward_costs_and_calibrates():
     steep = AdedDrafter(target, table=table, budget="auto", costs={1: 1.0, 2: 100.0})  # any node costs 100x
     for drafter in (flat, steep):
         drafter.begin(state)
-    assert flat.propose(state).size == flat.tree_budget > 1
-    assert steep.propose(state).size == steep.tree_budget == 0
+    flat_tree, steep_tree = flat.propose(state), steep.propose(state)
+    assert flat_tree.size == flat_tree.budget > 1
+    assert steep_tree.size == steep_tree.budget == 0
 
     result = SpecEngine(target, flat).generate(tiny_prompt(), max_new_tokens=12)
     assert result.stats.tree_budgets and max(result.stats.tree_budgets) >= 1

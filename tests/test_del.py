@@ -9,9 +9,9 @@ import torch
 
 from specdec import SpecEngine
 from specdec.drafters import create_drafter
-from specdec.drafters.del_exit import choose_exit
+from specdec.drafters.layer_skip.del_exit import choose_exit
 from specdec.errors import InvalidInputError
-from specdec.layer_skip import LayerSkipRunner, SkipPlan
+from specdec.drafters.layer_skip.runner import LayerSkipRunner, SkipPlan
 from specdec.runner import CausalLMRunner
 from specdec.sampling import SamplingConfig
 from specdec.state import DecodeState, StepOutcome

@@ -126,7 +126,7 @@ def test_engine_follows_every_propose_with_observe(max_new_tokens, steps):
 def test_auto_budget_sizes_trees_to_the_forward_costs(do_sample, monkeypatch):
     """budget="auto": flat forward costs take every candidate node, steep ones prune to a few; the engine records
     the chosen budget per step."""
-    import specdec.drafters.draft_model as draft_model_module
+    import specdec.drafters.tree_budget as tree_budget_module  # where every tree-sizing drafter gets its costs
     from specdec.budget import ForwardCosts
 
     target = tiny_model("llama")
@@ -134,7 +134,8 @@ def test_auto_budget_sizes_trees_to_the_forward_costs(do_sample, monkeypatch):
     verifier = "rejection" if do_sample else "greedy"
     sizes = {}
     for name, costs in (("flat", {1: 1.0, 64: 1.0}), ("steep", {1: 1.0, 2: 1.5, 64: 64.0})):
-        monkeypatch.setattr(draft_model_module, "forward_costs", lambda model, c=costs: ForwardCosts.from_mapping(c))
+        monkeypatch.setattr(tree_budget_module, "forward_costs",
+                            lambda model, cache_dir=None, c=costs: ForwardCosts.from_mapping(c))
         drafter = create_drafter("draft-model", target=target, model=tiny_model("llama", seed=1), mode="tree",
                                  budget="auto", max_budget=20, min_prob=0.0)
         result = SpecEngine(target, drafter, verifier).generate(tiny_prompt(), max_new_tokens=20, **kwargs)

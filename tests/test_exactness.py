@@ -18,7 +18,7 @@ from regimes import REGIMES, RegimeDrafter
 from specdec import SpecEngine
 from specdec.drafters import available_drafters, create_drafter
 from specdec.drafters.base import Drafter
-from specdec.drafters.trigram_table import TrigramTable
+from specdec.drafters.aded.trigram_table import TrigramTable
 from specdec.tree import DraftTree
 from tiny_models import ARCHS, VOCAB, greedy_reference, tiny_model, tiny_prompt
 from tiny_heads import perturbed_heads, reduced_vocab, tiny_acceptance_head

@@ -321,7 +321,7 @@ def test_initialisation_uses_only_the_passed_generator():
 def test_auto_budget_and_bad_options():
     target = tiny_model("llama")
     drafter = create_drafter("hydra", target=target, heads=perturbed_heads("hydra", target), budget="auto")
-    drafter._costs = ForwardCosts.from_mapping({1: 1.0, 16: 1.5, 64: 4.0})  # hand-made: no measuring in tests
+    drafter.budget_policy.costs = ForwardCosts.from_mapping({1: 1.0, 16: 1.5, 64: 4.0})  # hand-made: no measuring in tests
     result = SpecEngine(target, drafter).generate(tiny_prompt(), max_new_tokens=16, eos_token_id=None)
     assert result.stats.tree_budgets and torch.equal(result.sequences, greedy_reference(target, tiny_prompt(), 16))
     with pytest.raises(InvalidInputError, match="heads drafter sample_tree must be one of"):

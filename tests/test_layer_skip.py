@@ -12,7 +12,7 @@ import torch
 
 from specdec.draft_length import ConfidenceThreshold, FixedLength, StopReason
 from specdec.errors import InvalidInputError
-from specdec.layer_skip import LayerSkipRunner, SkipPlan, draft_chain
+from specdec.drafters.layer_skip.runner import LayerSkipRunner, SkipPlan, draft_chain
 from specdec.runner import CausalLMRunner
 from specdec.sampling import SamplingConfig
 from tiny_models import ARCHS, greedy_reference, tiny_model, tiny_prompt

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from specdec import SpecEngine
+from specdec import engine as engine_module, overlap as overlap_module, step as step_module
 from specdec.cli import build_parser, device_map_of, settings
 from specdec.drafters import create_drafter
 from specdec.errors import InvalidInputError
@@ -71,14 +72,15 @@ def test_drafter_inputs_and_drafts_cross_devices_explicitly(monkeypatch, overlap
         return real_transfer(self, tensor, device)
 
     moved: list[int] = []
-    real_to_target = SpecEngine._to_target
+    real_on_device = step_module.on_device
 
-    def spy_to_target(self, tree, stats):
+    def spy_on_device(tree, device, stats):
         moved.append(tree.size)
-        return real_to_target(self, tree, stats)
+        return real_on_device(tree, device, stats)
 
     monkeypatch.setattr(DecodeState, "transfer", spy)
-    monkeypatch.setattr(SpecEngine, "_to_target", spy_to_target)
+    for module in (engine_module, overlap_module):  # the serial step's and the overlap round's move (specdec.step.on_device)
+        monkeypatch.setattr(module, "on_device", spy_on_device)
     target = tiny_model("llama")
     drafter = create_drafter("draft-model", target=target, model=tiny_model("llama", seed=1), mode="chain",
                              min_prob=0.0)

@@ -11,12 +11,12 @@ import torch
 
 from specdec import SpecEngine
 from specdec.drafters import create_drafter
-from specdec.drafters.swift import SwiftConfig
-from specdec.drafters.swift_search import (GaussianProcessUCB, LayerSetSearch, SearchConfig, indicator_from_plan,
+from specdec.drafters.layer_skip.swift import SwiftConfig
+from specdec.drafters.layer_skip.swift_search import (GaussianProcessUCB, LayerSetSearch, SearchConfig, indicator_from_plan,
                                            initial_indicator, load_layer_set, plan_from_indicator, save_layer_set,
                                            skippable_count)
 from specdec.errors import InvalidInputError
-from specdec.layer_skip import DraftChain, SkipPlan
+from specdec.drafters.layer_skip.runner import DraftChain, SkipPlan
 from tiny_models import VOCAB, greedy_reference, tiny_model, tiny_prompt
 
 LAYERS = 6

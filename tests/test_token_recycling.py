@@ -116,7 +116,7 @@ def test_template_filling_on_a_hand_made_matrix():
     tree = drafter.propose(_state(9))
     assert tree.tokens.tolist() == [3, 4, 11, 12, 13]
     assert tree.parents.tolist() == [-1, -1, 0, 0, 1]
-    assert drafter.tree_budget == 5
+    assert tree.budget == 5
 
 
 def test_filling_2_2_2_matches_a_path_by_path_lookup():
@@ -141,7 +141,7 @@ def test_unwritten_rows_and_repeated_siblings_are_not_drafted():
     drafter = _drafter(k=2, template=SMALL, budget=5)
     _set_rows(drafter, {9: [3, 3]})  # row 3 never written; the root's row repeats a candidate
     tree = drafter.propose(_state(9))
-    assert tree.tokens.tolist() == [3] and drafter.tree_budget == 1
+    assert tree.tokens.tolist() == [3] and tree.budget == 1
 
 
 def test_depth_stays_within_the_tokens_generate_still_allows():
@@ -175,14 +175,15 @@ def test_auto_budget_follows_the_forward_costs(costs, expected):
     drafter = _drafter(budget="auto", costs=costs)
     drafter.matrix.copy_((torch.arange(VOCAB)[:, None] * 8 + torch.arange(8) + 1) % VOCAB)
     drafter.written[:] = True
-    assert drafter.propose(_state(9)).size == expected == drafter.tree_budget
+    tree = drafter.propose(_state(9))
+    assert tree.size == expected == tree.budget
 
 
 def test_auto_budget_measures_the_target_once(tmp_path):
     target = tiny_model("qwen2", seed=11)  # a model object no other test measures (costs are kept per object)
     drafter = create_drafter("token-recycling", target=target, cost_cache=str(tmp_path))
     assert (tmp_path / "forward_costs.json").exists()
-    assert drafter.costs.sizes == (1, 2, 4, 8, 16, 32, 64)
+    assert drafter.budget_policy.costs.sizes == (1, 2, 4, 8, 16, 32, 64)
     result = SpecEngine(target, drafter).generate(tiny_prompt(), max_new_tokens=20)
     assert len(result.stats.tree_budgets) == result.stats.target_forwards
     assert result.stats.tree_sizes == result.stats.tree_budgets
@@ -256,7 +257,7 @@ def test_lookup_branch_joins_the_tree_and_shares_slots_with_template_nodes():
     # last 2-gram (8, 9) occurred before, followed by 30, 61, 62: the chain shares the slot of template node 30
     tree = drafter.propose(_lookup_state([8, 9, 30, 61, 62, 8, 9]))
     assert sorted(_paths(tree)) == sorted([[30], [31], [30, 60], [31, 70], [30, 61], [30, 61, 62]])
-    assert drafter.tree_budget == tree.size == 6  # 7 pool nodes chosen, the chain's 30 shares a slot
+    assert tree.budget == tree.size == 6  # 7 pool nodes chosen, the chain's 30 shares a slot
 
 
 def test_lookup_estimates_learn_hits_and_misses_per_ngram_and_depth():

@@ -1,37 +1,19 @@
-"""The verifier interface and the one result type every verifier returns.
-
-Vocabulary (as in vLLM's rejection sampler): *accepted* tokens are draft nodes the target keeps; after the first
-rejection the step ends with a *recovered* token (drawn from the target, or its residual); when a whole root-to-leaf
-path is accepted the step ends with a *bonus* token drawn from the target at the leaf. Either way a step emits
-``accepted + 1`` tokens, and we call that last token ``next_token``.
+"""The verifier contract: the interface, the one result type every verifier returns
+(:class:`specdec.state.VerificationResult`, where *accepted*, *recovered* and *bonus* are defined) and the registry
+that finds a verifier by name. The engine imports this module only; ``verifiers/__init__.py`` registers the rules.
 """
 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from dataclasses import dataclass
 from typing import ClassVar
 
 import torch
 
+from specdec.errors import UnknownNameError
 from specdec.sampling import SamplingConfig
+from specdec.state import VerificationResult  # defined with the step outcome drafters observe; re-exported here
 from specdec.tree import DraftTree
-
-
-@dataclass(frozen=True)
-class VerificationResult:
-    accepted_nodes: torch.Tensor  # LongTensor [a]: draft node indices on the accepted path, depth 1..a
-    tokens: torch.Tensor  # LongTensor [a + 1]: accepted tokens followed by next_token (recovered or bonus)
-    bonus: bool  # True when next_token is a bonus token (the path ended at a leaf, all accepted)
-
-    @property
-    def num_accepted(self) -> int:
-        return int(self.accepted_nodes.numel())
-
-    @staticmethod
-    def make_dummy(num_accepted: int = 2) -> "VerificationResult":
-        nodes = torch.arange(num_accepted)
-        return VerificationResult(nodes, torch.arange(num_accepted + 1) + 10, bonus=False)
 
 
 class Verifier(ABC):
@@ -51,3 +33,24 @@ class Verifier(ABC):
         the slot's draft path); a sampling verifier applies the warpers of ``sampling`` (``warped_probs``) itself,
         and draws every random number from ``generator``.
         """
+
+
+_REGISTRY: dict[str, type[Verifier]] = {}
+
+
+def register_verifier(cls: type[Verifier]) -> type[Verifier]:
+    _REGISTRY[cls.name] = cls
+    return cls
+
+
+def available_verifiers() -> list[str]:
+    return sorted(_REGISTRY)
+
+
+def create_verifier(name_or_verifier: "str | Verifier", **options) -> Verifier:
+    if isinstance(name_or_verifier, Verifier):
+        return name_or_verifier
+    if name_or_verifier not in _REGISTRY:
+        raise UnknownNameError(
+            f"unknown verifier {name_or_verifier!r}; available verifiers: {', '.join(available_verifiers())}")
+    return _REGISTRY[name_or_verifier](**options)

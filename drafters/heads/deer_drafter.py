@@ -47,6 +47,7 @@ class DeerDrafterConfig:
     max_budget: int = 32  # cap of an "auto" length
     seed: int = 0  # seeds the generator of randomly initialised heads (when none are given or shipped)
     static_tree: bool = False  # (the heads drafters' field; DEER has no static tree)
+    min_prob: float = 0.0  # (the heads drafters' field; DEER cuts its block by ``confidence`` instead)
 
     def __post_init__(self) -> None:
         if isinstance(self.budget, str) and self.budget != "auto":
@@ -102,12 +103,13 @@ class DeerDrafter(HeadsDrafter):
             lq = torch.cat(rows)  # [n, V]
             confidence = lq.max(-1).values.exp()  # [n]: reads q only, never the drawn token
             keep = int(torch.cumprod(confidence >= self.config.confidence, 0).sum())  # the one host sync
-            length, predicted = self._budget(torch.cumsum(confidence[:keep].log(), 0), t_start)
+            length, predicted = self.budget_policy.choose(torch.cumsum(confidence[:keep].log(), 0),
+                                                          time.perf_counter() - t_start)
             tokens = block[0, :length]
             probs = lq[:length].exp() if state.sampling.do_sample else None
             kind = ProposalKind.IID if state.sampling.do_sample else ProposalKind.POINT_MASS
             parents = torch.arange(-1, length - 1, device=dev)
-            return DraftTree(tokens, parents, probs, kind, memo=predicted).to(state.sequence.device)
+            return self._tree(state, tokens, parents, kind, predicted, probs)
 
     def describe(self) -> dict:
         out = super().describe()

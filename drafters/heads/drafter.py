@@ -26,23 +26,22 @@ from typing import ClassVar
 
 import torch
 
-from specdec.budget import choose_budget, forward_costs, update_calibration
 from specdec.drafters import register_drafter
 from specdec.drafters.base import Drafter
 from specdec.drafters.heads.base import DraftHeads
 from specdec.drafters.heads.checkpoint import CONFIG_FILE, build_heads, load_heads
 from specdec.drafters.heads.config import HeadsConfig
 from specdec.drafters.heads.fingerprint import fingerprint_difference, target_fingerprint
-from specdec.drafters.heads.trees import Pool, dynamic_tree, sampled_tree, static_tree
-from specdec.drafters.sampled_pool import sampled_order
+from specdec.drafters.heads.trees import greedy_tree, sampled_tree, static_tree
+from specdec.drafters.sampled_pool import SAMPLE_TREES, sampled_order
+from specdec.drafters.topk_pool import path_signal
+from specdec.drafters.tree_budget import TreeBudget
+from specdec.draft_length import create_length_policy
 from specdec.errors import HeadsTargetMismatchError, InvalidInputError
 from specdec.finite import check_finite
 from specdec.sampling import drafter_logits, seen_mask
 from specdec.state import DecodeState, StepOutcome
-from specdec.tree import DraftTree, ProposalKind
-
-SAMPLE_TREES = {"without_replacement": ProposalKind.WITHOUT_REPLACEMENT, "iid": ProposalKind.IID,
-                "topk": ProposalKind.POINT_MASS}
+from specdec.tree import DraftTree, ProposalKind, kept_parents
 SHIPPED = Path(__file__).parent / "weights"
 
 
@@ -54,7 +53,8 @@ class HeadsDrafterConfig:
     budget: "int | str" = "auto"  # nodes in the tree (an int), or "auto": sized to the target's forward costs (as
     #                               draft-model's default, where it beat fixed budgets in every measured mode)
     max_budget: int = 32  # cap of an "auto" budget, and the size of Medusa's static tree
-    min_prob: float = 0.0  # stop expanding below this best path probability (a level costs one small head pass)
+    min_prob: float = 0.0  # stop expanding below this best path probability (a level costs one small head pass;
+    #                         the "confidence" length policy of specdec.draft_length)
     static_tree: bool = True  # medusa: use the static sparse tree when the heads carry measured accuracies
     sample_tree: str = "without_replacement"  # do_sample=True: "without_replacement", "iid" or "topk" children
     seed: int = 0  # seeds the generator of randomly initialised heads (when none are given or shipped)
@@ -107,8 +107,8 @@ class HeadsDrafter(Drafter):
         self.cache = None
         self.fed = 0  # committed positions the heads have consumed
         self.context: torch.Tensor | None = None
-        self._costs = None
-        self._calibration = 1.0  # running (accepted tokens) / (predicted tokens), as draft_model's
+        self.budget_policy = TreeBudget(target, self.config.budget, max_budget=self.config.max_budget)
+        self.length_policy = create_length_policy("confidence", self.config.min_prob, "path")
 
     def _resolve(self, target, heads) -> tuple[DraftHeads, str]:
         if isinstance(heads, DraftHeads):
@@ -168,18 +168,23 @@ class HeadsDrafter(Drafter):
                 order = sampled_order(pool)
             else:
                 kind = ProposalKind.POINT_MASS
-                pool, n = dynamic_tree(heads, root_state, log_q, depth, topk, width, self.config.min_prob)
-                order = torch.sort(pool.scores, descending=True, stable=True).indices
+                pool, n = greedy_tree(heads, root_state, log_q, depth, topk, width, self._stop)
+                order = pool.best_first()
             self.forward_count += n
-            budget, predicted = self._budget(pool.scores[order], t_start)
+            budget, predicted = self.budget_policy.choose(pool.scores[order], time.perf_counter() - t_start)
             chosen = order[:budget].sort().values  # creation order is topological
-            return self._tree(state, pool, chosen, kind, predicted, pool.q_at(chosen) if sampled else None)
+            parents = kept_parents(pool.parents[chosen], chosen, pool.tokens.numel())
+            tree = self._tree(state, pool.tokens[chosen], parents, kind, predicted,
+                              pool.q_at(chosen) if sampled else None)
+            return tree if sampled else tree.with_stop_reason(pool.stop_reason)
+
+    def _stop(self, drafted: int, scores: torch.Tensor, parents: torch.Tensor, level: torch.Tensor):
+        """The length policy (``min_prob``) on the best path of the greedy pool."""
+        return self.length_policy.stop(path_signal(drafted, scores, parents, level))
 
     def observe(self, state: DecodeState, outcome: StepOutcome) -> None:
-        predicted = outcome.tree.memo  # an auto budget's predicted tokens; None for a fixed budget
-        if predicted is not None:  # about the last ten steps (specdec.budget)
-            self._calibration = update_calibration(self._calibration, outcome.result.num_accepted,
-                                                   predicted if outcome.tree.size else 0.0)
+        # memo: an auto budget's predicted tokens; None for a fixed budget
+        self.budget_policy.observe(outcome.tree.memo, outcome.tree.size, outcome.result.num_accepted)
 
     def describe(self) -> dict:
         cfg = self.heads.config
@@ -228,40 +233,21 @@ class HeadsDrafter(Drafter):
         for _ in range(self.heads.config.num_heads):  # ancestor-closed: usable only where the parent is
             keep = keep & torch.where(tree.parents >= 0, keep[tree.parents.clamp(min=0)], True)
         order = torch.nonzero(keep).flatten()
-        budget, predicted = self._budget(torch.log(tree.values[order]).float(), t_start)
+        budget, predicted = self.budget_policy.choose(torch.log(tree.values[order]).float(),
+                                                      time.perf_counter() - t_start)
         chosen = order[:budget]
         dev = top.device
         tokens = top[tree.depth[chosen] - 1, tree.rank[chosen]].to(dev)
-        pool = Pool(tokens, _remap(tree.parents[chosen], chosen).to(dev), torch.zeros(chosen.numel()))
-        return self._tree(state, pool, torch.arange(chosen.numel(), device=dev), ProposalKind.POINT_MASS, predicted)
+        parents = kept_parents(tree.parents[chosen], chosen, tree.parents.numel()).to(dev)
+        return self._tree(state, tokens, parents, ProposalKind.POINT_MASS, predicted)
 
-    def _budget(self, ordered_scores: torch.Tensor, t_start: float) -> tuple[int, float | None]:
-        """Nodes to keep from ``ordered_scores`` (best-first cumulative log q): the fixed budget, or the count that
-        maximises expected tokens per second (values exp(score) x calibration, capped at max_budget); and the
-        tokens that count predicts (None for a fixed budget)."""
-        if self.config.budget != "auto":
-            self.tree_budget = None
-            return min(self.config.budget, ordered_scores.numel()), None
-        if self._costs is None:
-            self._costs = forward_costs(self.target_model)
-        values = (ordered_scores.float().exp() * self._calibration).clamp(max=1.0)
-        k = choose_budget(values, self._costs, time.perf_counter() - t_start, self.config.max_budget)
-        self.tree_budget = k
-        return k, float(values[:k].sum())
-
-    def _tree(self, state: DecodeState, pool, chosen: torch.Tensor, kind: ProposalKind, predicted: float | None,
-              probs: torch.Tensor | None = None) -> DraftTree:
-        """The tree of pool nodes ``chosen`` (increasing, ancestor-closed); ``probs`` [n, V] their q if sampled;
-        the memo is the tokens an auto budget predicted, for observe's calibration."""
-        tree = DraftTree(pool.tokens[chosen], _remap(pool.parents[chosen], chosen), probs, kind, memo=predicted)
+    def _tree(self, state: DecodeState, tokens: torch.Tensor, parents: torch.Tensor, kind: ProposalKind,
+              predicted: float | None, probs: torch.Tensor | None = None) -> DraftTree:
+        """The tree of the chosen nodes (``tokens`` [n], ``parents`` [n] among them); ``probs`` [n, V] their q if
+        sampled; the memo is the tokens an auto budget predicted, for observe's calibration."""
+        budget = None if predicted is None else tokens.numel()  # an auto budget's choice, for the stats
+        tree = DraftTree(tokens, parents, probs, kind, memo=predicted, budget=budget)
         return tree.to(state.sequence.device)
-
-
-def _remap(parents: torch.Tensor, chosen: torch.Tensor) -> torch.Tensor:
-    """Parents (pool indices) of the ``chosen`` nodes (increasing, ancestor-closed) as indices into ``chosen``."""
-    remap = torch.full((int(chosen.max()) + 1 if chosen.numel() else 1,), -1, dtype=torch.long, device=chosen.device)
-    remap[chosen] = torch.arange(chosen.numel(), device=chosen.device)
-    return torch.where(parents >= 0, remap[parents.clamp(min=0).to(chosen.device)], parents.to(chosen.device))
 
 
 @register_drafter

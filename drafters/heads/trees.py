@@ -6,9 +6,10 @@ head k's i-th ranked token is right, a node reached by ranks (i_1, ..., i_d) is 
 prod_j a_j(i_j) (heads taken as independent); the tree that maximises the expected accepted length for n nodes is
 built greedily, adding each time the candidate child (of a node already in the tree) of largest path product.
 
-Dynamic tree (EAGLE-2, arXiv 2406.16858): level by level, the ``width`` frontier nodes of highest cumulative log q
-are expanded into their ``topk`` children; the best ``budget`` nodes form the tree (a child never scores above its
-parent, so the choice is ancestor-closed). With Medusa the children's tokens do not depend on the path.
+Dynamic tree (EAGLE-2, arXiv 2406.16858; ``drafters/topk_pool.py``, shared with ``draft_model``): level by level,
+the ``width`` frontier nodes of highest cumulative log q are expanded into their ``topk`` children until the length
+policy stops; the best ``budget`` nodes form the tree (a child never scores above its parent, so the choice is
+ancestor-closed). With Medusa the children's tokens do not depend on the path.
 
 Sampled tree (do_sample): the children of an expanded node are drawn from q (i.i.d. or without replacement) and
 whole sibling groups are kept, so verifiers can treat them as draws from q (``drafters/sampled_pool.py``, shared
@@ -25,18 +26,10 @@ import torch
 
 from specdec.drafters.heads.base import DraftHeads
 from specdec.drafters.sampled_pool import SampledPool, grow_sampled_pool
+from specdec.drafters.topk_pool import Stop, TopkPool, grow_topk_pool
 from specdec.tree import ProposalKind
 
 LogQ = Callable[[torch.Tensor, "torch.Tensor | None"], torch.Tensor]  # (logits [w, N], paths [w, a]) -> [w, V]
-
-
-@dataclass(frozen=True)
-class Pool:
-    """Candidate nodes in creation order (parents before children)."""
-
-    tokens: torch.Tensor  # LongTensor [P] target token ids
-    parents: torch.Tensor  # LongTensor [P] pool index of the parent, -1 below the root
-    scores: torch.Tensor  # FloatTensor [P] cumulative log q of the path
 
 
 @dataclass(frozen=True)
@@ -69,51 +62,9 @@ def static_tree(accuracies: list, max_nodes: int) -> StaticTree:
     return StaticTree(long(depth), long(rank), long(parents), torch.tensor(values, dtype=torch.float64))
 
 
-def _expand(heads: DraftHeads, states: torch.Tensor, paths: torch.Tensor, row: torch.Tensor, pool_parents:
-            torch.Tensor, tokens: torch.Tensor, nodes: torch.Tensor, depth: int, log_q: LogQ):
-    """States, paths and children's log q [w, V] of pool ``nodes`` at ``depth``; parents' rows in ``states``."""
-    par = pool_parents[nodes]
-    prow = torch.where(par >= 0, row[par.clamp(min=0)], torch.zeros_like(par))
-    new_states = heads.node_states(states[prow], tokens[nodes], depth)
-    new_paths = torch.cat([paths[prow], tokens[nodes, None]], dim=1)  # [w, depth] draft tokens on each path
-    return new_states, new_paths, log_q(heads.node_logits(new_states, depth), new_paths)
-
-
-def dynamic_tree(heads: DraftHeads, root_state: torch.Tensor, log_q: LogQ, depth: int, topk: int, width: int,
-                 min_prob: float) -> tuple[Pool, int]:
-    """The greedy dynamic pool; returns it and the number of head evaluations."""
-    dev = root_state.device
-    root_logq = log_q(heads.node_logits(root_state, 0), None)[0]  # [V]
-    k = min(topk, int(torch.isfinite(root_logq).sum()))
-    scores, tokens = root_logq.topk(k)
-    parents = torch.full((k,), -1, dtype=torch.long, device=dev)
-    level = torch.arange(k, device=dev)
-    states, paths = root_state, torch.zeros(1, 0, dtype=torch.long, device=dev)
-    row = torch.full((k,), -1, dtype=torch.long, device=dev)
-    evaluations = 1
-    for d in range(1, depth):  # expand nodes at depth d into depth d + 1
-        lvl_scores = scores[level]
-        if float(lvl_scores.max().exp()) < min_prob:
-            break
-        nodes = level[lvl_scores.topk(min(width, level.numel())).indices]  # [w] pool indices
-        states, paths, child = _expand(heads, states, paths, row, parents, tokens, nodes, d, log_q)
-        evaluations += 1
-        kc = min(topk, int(torch.isfinite(child).sum(-1).min()))
-        child_logp, child_tok = child.topk(kc)  # [w, kc]
-        n_pool = tokens.numel()
-        row = torch.cat([row, torch.full((nodes.numel() * kc,), -1, dtype=torch.long, device=dev)])
-        row[nodes] = torch.arange(nodes.numel(), device=dev)
-        scores = torch.cat([scores, (scores[nodes, None] + child_logp).flatten()])
-        tokens = torch.cat([tokens, child_tok.flatten()])
-        parents = torch.cat([parents, nodes.repeat_interleave(kc)])
-        level = torch.arange(n_pool, tokens.numel(), device=dev)
-    return Pool(tokens, parents, scores), evaluations
-
-
-def sampled_tree(heads: DraftHeads, root_state: torch.Tensor, log_q: LogQ, depth: int, topk: int, width: int,
-                 kind: ProposalKind, generator: torch.Generator | None) -> tuple[SampledPool, int]:
-    """Children drawn from q (``drafters/sampled_pool.py``): i.i.d. (``ProposalKind.IID``) or without
-    replacement, in draw order; returns the pool and the number of head evaluations."""
+def _expander(heads: DraftHeads, root_state: torch.Tensor, log_q: LogQ):
+    """The ``expand`` of a pool grown by draft heads: (pool tokens, pool parents, nodes [w], depth d) -> their
+    children's log q [w, V]; the heads' states and draft paths of the expanded nodes are kept for their children."""
     dev = root_state.device
     states, paths = root_state, torch.zeros(1, 0, dtype=torch.long, device=dev)
     row = torch.zeros(0, dtype=torch.long, device=dev)  # row of ``states`` of each expanded pool node, else -1
@@ -121,10 +72,29 @@ def sampled_tree(heads: DraftHeads, root_state: torch.Tensor, log_q: LogQ, depth
     def expand(tokens: torch.Tensor, parents: torch.Tensor, nodes: torch.Tensor, d: int) -> torch.Tensor:
         nonlocal states, paths, row
         row = torch.cat([row, torch.full((tokens.numel() - row.numel(),), -1, dtype=torch.long, device=dev)])
-        states, paths, child = _expand(heads, states, paths, row, parents, tokens, nodes, d, log_q)
+        par = parents[nodes]
+        prow = torch.where(par >= 0, row[par.clamp(min=0)], torch.zeros_like(par))  # parents' rows in ``states``
+        states = heads.node_states(states[prow], tokens[nodes], d)
+        paths = torch.cat([paths[prow], tokens[nodes, None]], dim=1)  # [w, d] draft tokens on each path
         row[nodes] = torch.arange(nodes.numel(), device=dev)
-        return child
+        return log_q(heads.node_logits(states, d), paths)
 
+    return expand
+
+
+def greedy_tree(heads: DraftHeads, root_state: torch.Tensor, log_q: LogQ, depth: int, topk: int, width: int,
+                stop: Stop) -> tuple[TopkPool, int]:
+    """The dynamic top-k pool (``drafters/topk_pool.py``, shared with ``draft_model``); returns it and the number
+    of head evaluations."""
     root_log_q = log_q(heads.node_logits(root_state, 0), None)[0]  # [V]
-    pool = grow_sampled_pool(root_log_q, expand, depth, topk, width, kind, generator)
+    pool = grow_topk_pool(root_log_q, _expander(heads, root_state, log_q), depth, topk, width, stop)
+    return pool, 1 + pool.expansions
+
+
+def sampled_tree(heads: DraftHeads, root_state: torch.Tensor, log_q: LogQ, depth: int, topk: int, width: int,
+                 kind: ProposalKind, generator: torch.Generator | None) -> tuple[SampledPool, int]:
+    """Children drawn from q (``drafters/sampled_pool.py``): i.i.d. (``ProposalKind.IID``) or without
+    replacement, in draw order; returns the pool and the number of head evaluations."""
+    root_log_q = log_q(heads.node_logits(root_state, 0), None)[0]  # [V]
+    pool = grow_sampled_pool(root_log_q, _expander(heads, root_state, log_q), depth, topk, width, kind, generator)
     return pool, 1 + pool.expansions

@@ -34,16 +34,11 @@ from pathlib import Path
 from tqdm.auto import tqdm
 
 from specdec.errors import ChecksumError, CorruptCacheError, ModelFetchError
-from specdec.files import sha256_of
+from specdec.files import default_cache_dir, sha256_of  # noqa: F401  (default_cache_dir: re-exported to specdec.models)
 from specdec.models.registry import ModelSpec
 
 _BLOCK = 1 << 20
 _PARTIAL = ".partial"  # suffix of everything still being written
-
-
-def default_cache_dir() -> Path:
-    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
-    return Path(base) / "specdec"
 
 
 def refetch_hint(name: str) -> str:

@@ -33,7 +33,7 @@ def build_service(cfg: dict):
     import torch
 
     from specdec.benchmarks.methods import build_method
-    from specdec.cli import load_models
+    from specdec.loading import load_models
     from specdec.serve.generation import GenerationService
 
     if cfg.get("threads"):

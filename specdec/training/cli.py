@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 
+from specdec.loading import load_models
+
 
 def add_parser(sub) -> argparse.ArgumentParser:
     p = sub.add_parser("train", help="train Medusa / Hydra / Clover / Chimera / DEER drafters on the target's own "
@@ -42,7 +44,6 @@ def add_parser(sub) -> argparse.ArgumentParser:
 def cmd_train(args: argparse.Namespace) -> int:
     import torch
 
-    from specdec.cli import load_models
     from specdec.training import preset, train_heads
 
     if args.threads:
@@ -99,7 +100,6 @@ def cmd_train_acceptance(args: argparse.Namespace) -> int:
 
     import torch
 
-    from specdec.cli import load_models
     from specdec.drafters import create_drafter
     from specdec.drafters.acceptance import save_acceptance_head
     from specdec.drafters.heads.fingerprint import target_fingerprint

@@ -4,7 +4,7 @@ Xia et al., "SWIFT: On-the-Fly Self-Speculative Decoding for LLM Inference Accel
 arXiv 2410.06916; docs/drafters.md#swift). No training and no extra model:
 
 - draft model = the target with k = int(2(L - 2) * skip_ratio) of its attention/MLP sub-layers made residual
-  passthroughs, never in the first or last layer (``specdec.layer_skip``); it reads the target's committed KV and
+  passthroughs, never in the first or last layer (``specdec.drafters.layer_skip.runner``); it reads the target's committed KV and
   keeps its own draft K/V aside, so the target cache is never touched;
 - the skipped set starts as the odd layers' sub-layers and is optimised during generation (``swift_search``):
   after a verification step, a candidate set is scored by *matchness*, the fraction of the last ``window`` decided
@@ -42,10 +42,10 @@ import torch
 from specdec.draft_length import POLICIES, create_length_policy
 from specdec.drafters import register_drafter
 from specdec.drafters.base import Drafter
-from specdec.drafters.swift_search import (LayerSetSearch, SearchConfig, initial_indicator, load_layer_set,
+from specdec.drafters.layer_skip.swift_search import (LayerSetSearch, SearchConfig, initial_indicator, load_layer_set,
                                            plan_from_indicator, save_layer_set, skippable_count)
 from specdec.errors import InvalidInputError
-from specdec.layer_skip import DraftChain, LayerSkipRunner, SkipPlan, draft_chain
+from specdec.drafters.layer_skip.runner import DraftChain, LayerSkipRunner, SkipPlan, draft_chain
 from specdec.runner import text_config
 from specdec.state import DecodeState, StepOutcome
 from specdec.tree import DraftTree

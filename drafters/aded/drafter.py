@@ -31,11 +31,12 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from specdec.budget import ForwardCosts, best_nodes, forward_costs
+from specdec.budget import ForwardCosts
 from specdec.drafters import register_drafter
 from specdec.drafters.base import Drafter
-from specdec.drafters.mcts import Candidates, MCTSConfig, draft_candidates
-from specdec.drafters.trigram_table import DEFAULT_TOP, AdaptiveTrigrams, TrigramTable
+from specdec.drafters.tree_budget import TreeBudget
+from specdec.drafters.aded.mcts import Candidates, MCTSConfig, draft_candidates
+from specdec.drafters.aded.trigram_table import DEFAULT_TOP, AdaptiveTrigrams, TrigramTable
 from specdec.errors import InvalidInputError
 from specdec.state import DecodeState, StepOutcome
 from specdec.tree import DraftTree
@@ -103,9 +104,9 @@ class AdedDrafter(Drafter):
         self.table = AdaptiveTrigrams(table, self.config.boost, self.config.cap)
         self._mcts = self.config.mcts
         self.rng = np.random.default_rng(self.config.seed)
-        self.costs = ForwardCosts.from_mapping(costs) if isinstance(costs, Mapping) else costs
-        if self.costs is None and self.auto:
-            self.costs = forward_costs(target, cache_dir=self.config.cost_cache)
+        self.budget_policy = TreeBudget(target, self.config.budget, costs=costs, cache_dir=self.config.cost_cache)
+        if self.auto:
+            self.budget_policy.measured_costs()
         self._accepted = np.zeros(self.config.sentence_length + 2)  # [depth] decayed accepted nodes (auto)
         self._predicted = np.zeros(self.config.sentence_length + 2)  # [depth] decayed sum of node values (auto)
         self._draft_seconds = 0.0
@@ -126,8 +127,7 @@ class AdedDrafter(Drafter):
         seq = state.sequence[0]
         dev = seq.device
         if state.remaining < 2 or seq.numel() < 2:
-            self.tree_budget = 0
-            return DraftTree.empty(dev)
+            return DraftTree.empty(dev).with_budget(0)
         t0 = time.perf_counter()
         recent = seq[-self.config.window:].tolist()  # the one host sync of a step
         self.table.adapt(recent)
@@ -136,9 +136,8 @@ class AdedDrafter(Drafter):
             tree = self._auto_tree(cands, dev, time.perf_counter() - t0)
         else:
             k = min(self.config.budget, len(cands))
-            self.tree_budget = self.config.budget
             tree = DraftTree(torch.tensor(cands.tokens[:k], dtype=torch.long, device=dev),
-                             torch.tensor(cands.parents[:k], dtype=torch.long, device=dev))
+                             torch.tensor(cands.parents[:k], dtype=torch.long, device=dev), budget=self.config.budget)
         return tree
 
     # ------------------------------------------------------------------ budget="auto"
@@ -146,18 +145,16 @@ class AdedDrafter(Drafter):
         self._draft_seconds = search_seconds if not self._draft_seconds else \
             TIME_DECAY * self._draft_seconds + (1 - TIME_DECAY) * search_seconds
         if not len(cands):
-            self.tree_budget = 0
-            return DraftTree.empty(dev)
+            return DraftTree.empty(dev).with_budget(0)
         depths = np.asarray(cands.depths)  # [m]
         ratio = (self._accepted + 1.0) / (self._predicted + 2.0)  # [depth] calibration
         values = torch.tensor(np.minimum(np.asarray(cands.values) * ratio[depths], 1.0))  # [m]
         pool = DraftTree(torch.tensor(cands.tokens, dtype=torch.long), torch.tensor(cands.parents, dtype=torch.long))
-        keep = best_nodes(values, pool.parents, self.costs, self._draft_seconds)  # [k]
-        self.tree_budget = keep.numel()
+        keep = self.budget_policy.select(values, pool.parents, self._draft_seconds)  # [k]
         mask = torch.zeros(len(cands), dtype=torch.bool)
         mask[keep] = True
         memo = (np.asarray(cands.values)[keep.numpy()], depths[keep.numpy()])  # node values and depths, for observe
-        return pool.prune(mask)[0].with_memo(memo).to(dev)
+        return pool.prune(mask)[0].with_memo(memo).with_budget(keep.numel()).to(dev)
 
     def observe(self, state: DecodeState, outcome: StepOutcome) -> None:
         if outcome.tree.memo is None:  # not an auto-sized tree

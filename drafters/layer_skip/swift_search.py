@@ -29,7 +29,7 @@ import torch
 
 from specdec.errors import InvalidInputError
 from specdec.files import write_json_atomic
-from specdec.layer_skip import SkipPlan
+from specdec.drafters.layer_skip.runner import SkipPlan
 
 
 # ---------------------------------------------------------------------------------------------- sub-layer encoding

@@ -4,7 +4,7 @@ Zarch, Gao, Jiang, Annavaram, "DEL: Context-Aware Dynamic Exit Layer for Efficie
 (COLM 2025, arXiv 2504.05598; docs/drafters.md#del):
 
 - draft = the target's first E layers, then its final norm and LM head (``SkipPlan(exit_layer=E)`` of
-  ``specdec.layer_skip``), a top-1 chain on a draft KV overlay over the target's committed cache;
+  ``specdec.drafters.layer_skip.runner``), a top-1 chain on a draft KV overlay over the target's committed cache;
 - shadow tokens: the verification forward yields every layer's hidden states (``needs_target_hidden_states``);
   norm + LM head applied to layer E's states at a verified position is exactly what an exit at E would have
   drafted there, so one step measures, for every candidate exit at once, whether its token would have been
@@ -46,7 +46,7 @@ from specdec.draft_length import POLICIES, create_length_policy
 from specdec.drafters import register_drafter
 from specdec.drafters.base import Drafter
 from specdec.errors import InvalidInputError
-from specdec.layer_skip import LayerSkipRunner, SkipPlan, draft_chain
+from specdec.drafters.layer_skip.runner import LayerSkipRunner, SkipPlan, draft_chain
 from specdec.state import DecodeState, StepOutcome
 from specdec.tree import DraftTree
 

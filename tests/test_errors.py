@@ -81,7 +81,7 @@ def test_context_limit_is_inclusive(engine, target):
     ("draft-model", dict(mode="beam"), InvalidInputError, "mode must be 'chain' or 'tree', got 'beam'"),
     ("draft-model", dict(depth=0), InvalidInputError, "draft-model depth must be >= 1, got 0"),
     ("draft-model", dict(quantize="int4"), InvalidInputError,
-     "draft-model quantize must be None, 'int8' or 'auto', got 'int4'"),
+     "draft-model quantize must be None, 'int8', 'q4_k' or 'auto', got 'int4'"),
     ("prompt-lookup", dict(num_tokens=0), InvalidInputError, "invalid prompt-lookup options"),
     ("prompt-lookup", dict(min_ngram=3, max_ngram=2), InvalidInputError, "invalid prompt-lookup options"),
 ])

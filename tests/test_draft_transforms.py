@@ -5,6 +5,8 @@ to the target's greedy (on a gguf target too), sampling distributed as the targe
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 
@@ -51,7 +53,7 @@ def test_q4_k_layer_encodes_its_weights_and_is_row_invariant(in_features):
 
 @pytest.mark.parametrize("kind", ["dense", "w8a8", "gguf"])
 def test_reduced_head_gives_the_full_heads_rows_and_minus_inf_elsewhere(kind):
-    model = gguf_model("qwen2") if kind == "gguf" else tiny_model("qwen2", seed=1).to(torch.bfloat16)
+    model = gguf_model("qwen2") if kind == "gguf" else copy.deepcopy(tiny_model("qwen2", seed=1)).to(torch.bfloat16)
     if kind == "w8a8":
         model.lm_head = W8A8Linear.from_linear(model.lm_head)
     vocab = DraftVocab(torch.tensor([0, 3, 4, 10, 17, 40, VOCAB - 1]), VOCAB)
@@ -70,7 +72,7 @@ def test_reduced_head_gives_the_full_heads_rows_and_minus_inf_elsewhere(kind):
 
 
 def test_cheap_draft_leaves_the_given_model_as_it_was():
-    model = tiny_model("llama", seed=1).to(torch.bfloat16)
+    model = copy.deepcopy(tiny_model("llama", seed=1)).to(torch.bfloat16)  # the cached model stays untouched
     prompt = tiny_prompt()
     with torch.no_grad():
         before = model(prompt).logits

@@ -22,6 +22,8 @@ from __future__ import annotations
 
 import torch
 
+from specdec.kernels.build import cpu_kernels
+
 NAME = "specdec_cpu"
 MAX_QUERIES = 32  # beyond this (prefill), sdpa's flash kernel is faster
 MIN_KEYS = 128  # below this, sdpa is as fast
@@ -66,8 +68,6 @@ def _cached_kernel_applies(query, key, attention_mask, dropout, kwargs) -> bool:
             or (key.shape[2] == query.shape[2] and query.shape[2] > 1)  # prefill: no cache yet (sdpa)
             or (attention_mask is not None and attention_mask.dim() != 4)):
         return False
-    from specdec.kernels.build import cpu_kernels
-
     return cpu_kernels() is not None
 
 
@@ -75,8 +75,6 @@ def cached_attention(query, key, value, attention_mask, scaling=None) -> torch.T
     """``out [B, q, H, D]`` from ``query [B, H, q, D]``, ``key``/``value [B, KVH, k, D]`` (bf16) and a mask
     ``[B | 1, 1, q, >= k]`` (bool, True = may attend, or additive float) or None (causal, the queries last), on the
     batch-invariant native kernel (``cached_attention.cpp``)."""
-    from specdec.kernels.build import cpu_kernels
-
     dim, keys = query.shape[-1], key.shape[2]
     scale = dim ** -0.5 if scaling is None else scaling
     if attention_mask is None:

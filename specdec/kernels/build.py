@@ -34,6 +34,7 @@ from pathlib import Path
 import torch
 
 from specdec.errors import InvalidInputError, KernelBuildError
+from specdec.files import default_cache_dir
 from specdec.kernels.build_lock import BuildLock
 from specdec.precision import cpu_flags
 
@@ -56,8 +57,6 @@ def kernel_status() -> dict:
 
 
 def _cache_root() -> Path:
-    from specdec.models.fetch import default_cache_dir
-
     return default_cache_dir() / "kernels"
 
 

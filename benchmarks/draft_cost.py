@@ -33,7 +33,8 @@ VARIANTS = {  # name -> draft-model options
 
 
 def parse_variant(name: str) -> dict:
-    """``base``, ``vocab``, ``q4k``, ``q4k+vocab``, or any of them with ``+L<n>`` (keep n layers)."""
+    """``base``, ``vocab``, ``q4k``, ``q4k+vocab``, or any of them with ``+L<n>`` (keep n layers) or ``+hf``
+    (draft with transformers' forward, not the lean one)."""
     parts = name.split("+")
     options: dict = {}
     for part in parts:
@@ -41,23 +42,21 @@ def parse_variant(name: str) -> dict:
             options["draft_layers"] = int(part[1:])
         elif part in VARIANTS:
             options.update(VARIANTS[part])
-        elif part == "vocab":
-            options.update(VARIANTS["vocab"])
+        elif part == "hf":
+            options["lean"] = False  # transformers' forward instead of the lean one
         else:
             raise SystemExit(f"unknown variant part {part!r} in {name!r}")
     return options
 
 
-def time_forwards(models: dict, sizes: tuple, context: int, repeats: int) -> dict:
-    """{name: {n: median ms}} of one forward over n tokens after ``context`` tokens, interleaved across models."""
-    runners = {}
+def time_forwards(runners: dict, sizes: tuple, context: int, repeats: int) -> dict:
+    """{name: {n: median ms}} of one forward over n tokens after ``context`` tokens, interleaved across runners
+    (a :class:`CausalLMRunner` or the runner a drafter drafts with)."""
     gen = torch.Generator().manual_seed(0)
     ids = torch.randint(0, 30000, (context + max(sizes),), generator=gen)
-    for name, model in models.items():
-        runner = CausalLMRunner(model)
+    for runner in runners.values():
         runner.prefill(ids[None, :context])
-        runners[name] = runner
-    times = {name: {n: [] for n in sizes} for name in models}
+    times = {name: {n: [] for n in sizes} for name in runners}
     for r in range(repeats + 1):
         for name, runner in runners.items():
             for n in sizes:
@@ -117,7 +116,8 @@ def main(argv=None) -> None:
                 for name in names}
     models = {name: d.runner.model for name, d in drafters.items()}
     sizes = tuple(int(s) for s in args.sizes.split(","))
-    costs = time_forwards({"target": target, **models}, sizes, args.context, args.repeats)
+    runners = {"target": CausalLMRunner(target), **{name: d.runner for name, d in drafters.items()}}
+    costs = time_forwards(runners, sizes, args.context, args.repeats)
     for name, by_n in costs.items():
         print(f"{name:<16} " + " ".join(f"{n} tok {ms:.2f} ms" for n, ms in by_n.items())
               + f"  ({by_n[sizes[0]] / costs['target'][sizes[0]]:.3f}x target)", flush=True)

@@ -149,6 +149,12 @@ class CausalLMRunner:
         return {"full_attention": full, "sliding_attention": within_window(full, positions, key_pos,
                                                                           self.sliding_window)}
 
+    def kv_layers(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Per layer, the cached ``(keys, values)`` [1, kv_heads, length, head_dim] (what tests compare)."""
+        if self.cache is None:
+            return []
+        return [(layer.keys, layer.values) for layer in self.cache.layers if getattr(layer, "is_initialized", False)]
+
     # ------------------------------------------------------------------ cache edits
     def commit(self, base: int, keep: torch.Tensor) -> None:
         """Keep cache slots ``base + keep`` (increasing indices, relative to ``base``) right after ``base``; drop

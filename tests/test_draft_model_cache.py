@@ -11,7 +11,6 @@ from regimes import REGIMES, RegimeDrafter
 from specdec import SpecEngine
 from specdec.drafters import create_drafter
 from specdec.drafters.base import Drafter
-from specdec.runner import CausalLMRunner
 from specdec.tree import DraftTree
 from tiny_models import ARCHS, greedy_reference, tiny_model, tiny_prompt
 
@@ -29,17 +28,18 @@ SHAPES = {
 }
 
 
-def _assert_cache_holds(drafter, tokens: torch.Tensor) -> None:
+def assert_cache_holds(drafter, tokens: torch.Tensor) -> None:
     """``drafter.runner``'s cache equals a fresh prefill of ``tokens`` [L], the tokens the drafter claims to hold."""
     runner = drafter.runner
     assert runner.length == tokens.numel(), "draft cache length differs from the tokens it claims to hold"
-    fresh = CausalLMRunner(runner.model)
+    fresh = type(runner)(runner.model)  # the same forward (transformers' or the lean one), fed in one prefill
     fresh.prefill(tokens[None].to(runner.device))
-    assert len(runner.cache.layers) == len(fresh.cache.layers)
-    for i, (got, want) in enumerate(zip(runner.cache.layers, fresh.cache.layers)):
-        assert got.keys.shape == want.keys.shape, f"layer {i}"
-        torch.testing.assert_close(got.keys, want.keys, atol=1e-5, rtol=0, msg=f"keys of layer {i}")
-        torch.testing.assert_close(got.values, want.values, atol=1e-5, rtol=0, msg=f"values of layer {i}")
+    held, built = runner.kv_layers(), fresh.kv_layers()
+    assert len(held) == len(built) == runner.model.config.num_hidden_layers
+    for i, ((keys, values), (want_keys, want_values)) in enumerate(zip(held, built)):
+        assert keys.shape == want_keys.shape, f"layer {i}"
+        torch.testing.assert_close(keys, want_keys, atol=1e-5, rtol=0, msg=f"keys of layer {i}")
+        torch.testing.assert_close(values, want_values, atol=1e-5, rtol=0, msg=f"values of layer {i}")
 
 
 class CacheCheckingDrafter(RegimeDrafter):
@@ -54,7 +54,7 @@ class CacheCheckingDrafter(RegimeDrafter):
         cached = self.inner.cached
         if self.regime == "natural":  # with rewritten drafts the draft model holds its own tokens, not the accepted
             assert torch.equal(cached, state.sequence[0, :cached.numel()].cpu())
-        _assert_cache_holds(self.inner, cached)
+        assert_cache_holds(self.inner, cached)
         self.checked_steps += 1
 
 
@@ -85,7 +85,7 @@ def test_draft_cache_in_step_after_generate(arch, shape, draft, max_new_tokens):
     result = SpecEngine(target, drafter).generate(tiny_prompt(), max_new_tokens=max_new_tokens)
     cached = drafter.cached
     assert torch.equal(cached, result.sequences[0, :cached.numel()].cpu())
-    _assert_cache_holds(drafter, cached)
+    assert_cache_holds(drafter, cached)
 
 
 class CallRecorder(Drafter):

@@ -11,7 +11,7 @@ from specdec import SpecEngine
 from specdec.budget import ForwardCosts
 from specdec.drafters import create_drafter
 from specdec.drafters.base import Drafter
-from specdec.runner import CausalLMRunner
+from test_draft_model_cache import assert_cache_holds
 from specdec.tree import DraftTree, ProposalKind
 from tiny_heads import perturbed_heads
 from tiny_models import ARCHS, tiny_model, tiny_prompt
@@ -57,11 +57,7 @@ class Watched(Drafter):
         self.inner.observe(state, outcome)
         cached = self.inner.cached
         assert torch.equal(cached, state.sequence[0, :cached.numel()].cpu())
-        fresh = CausalLMRunner(self.inner.runner.model)
-        fresh.prefill(cached[None])
-        for got, want in zip(self.inner.runner.cache.layers, fresh.cache.layers):
-            torch.testing.assert_close(got.keys, want.keys, atol=1e-5, rtol=0)
-            torch.testing.assert_close(got.values, want.values, atol=1e-5, rtol=0)
+        assert_cache_holds(self.inner, cached)
 
 
 @pytest.mark.parametrize("options", [dict(mode="chain"), dict(mode="tree", budget=12),

@@ -9,6 +9,7 @@ torch::Tensor kquant_linear(torch::Tensor x, int64_t qtype, torch::Tensor qs, to
 
 // --- batch-invariant attention and norms (issue 28, points 0 and 2) ---
 torch::Tensor cached_attention(torch::Tensor q, torch::Tensor k, torch::Tensor v, torch::Tensor mask, double scale);
+torch::Tensor rms_norm(torch::Tensor x, torch::Tensor w, double eps);
 // --- end ---
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
@@ -20,5 +21,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   // --- batch-invariant attention and norms (issue 28, points 0 and 2) ---
   m.def("cached_attention", &cached_attention,
         "a few bf16 queries over a KV cache, each (query, head) in a fixed order whatever the call's shape");
+  m.def("rms_norm", &rms_norm, "RMSNorm of bf16 rows (the lean draft forward)");
   // --- end ---
 }

@@ -40,7 +40,7 @@ from specdec.precision import cpu_flags
 
 SOURCES = tuple(Path(__file__).with_name(f)
                 for f in ("bindings.cpp", "int8_linear.cpp", "w8a8_linear.cpp", "kquant_linear.cpp",
-                          "cached_attention.cpp"))
+                          "cached_attention.cpp", "rms_norm.cpp"))
 HEADERS = (Path(__file__).with_name("tiles.h"),)  # part of the build key, not compiled alone
 REQUIRED_FLAGS = ("avx512f", "avx512bw", "avx512_bf16", "avx512_vnni")  # what the sources execute
 

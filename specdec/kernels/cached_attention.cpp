@@ -63,13 +63,18 @@ void attended_keys(const torch::Tensor& mask, int64_t mb, int64_t qi, int64_t nq
 
 }  // namespace
 
-// q [B, H, nq, D], k and v [B, KVH, nk, D] bf16 contiguous; mask empty (causal, the queries last), or bool / uint8
+// q [B, H, nq, D] bf16 contiguous, k and v [B, KVH, nk, D] bf16 with contiguous [nk, D] rows per head (a slice of
+// a longer preallocated cache is fine); mask empty (causal, the queries last), or bool / uint8
 // [Bm, nq, nk] (true = may attend) or fp32 [Bm, nq, nk] additive (<= -1e30 = masked), Bm 1 or B. Returns the
 // output [B, nq, H, D] bf16 (the layout transformers' attention functions return).
 torch::Tensor cached_attention(torch::Tensor q, torch::Tensor k, torch::Tensor v, torch::Tensor mask, double scale) {
   TORCH_CHECK(q.dim() == 4 && k.dim() == 4 && v.dim() == 4, "cached_attention: q, k, v must be 4-D");
-  for (const auto* t : {&q, &k, &v})
-    TORCH_CHECK(t->scalar_type() == at::kBFloat16 && t->is_contiguous(), "cached_attention: contiguous bf16 q, k, v");
+  TORCH_CHECK(q.scalar_type() == at::kBFloat16 && q.is_contiguous(), "cached_attention: contiguous bf16 q");
+  for (const auto* t : {&k, &v})  // rows of one head contiguous; heads and batches may lie further apart (a cache
+    TORCH_CHECK(t->scalar_type() == at::kBFloat16 && t->stride(3) == 1 && t->stride(2) == t->size(3) &&  // slice)
+                    t->stride(1) >= t->size(2) * t->size(3) && t->stride(0) >= t->size(1) * t->stride(1),
+                "cached_attention: bf16 k, v with contiguous rows per head");
+  TORCH_CHECK(k.strides() == v.strides(), "cached_attention: k and v with the same strides");
   const int64_t B = q.size(0), H = q.size(1), nq = q.size(2), D = q.size(3);
   const int64_t KVH = k.size(1), nk = k.size(2);
   TORCH_CHECK(k.size(0) == B && v.sizes() == k.sizes() && k.size(3) == D && H % KVH == 0 && nk >= nq,
@@ -103,8 +108,8 @@ torch::Tensor cached_attention(torch::Tensor q, torch::Tensor k, torch::Tensor v
       const int64_t b = item / (KVH * nq), kh = (item / nq) % KVH, qi = item % nq;
       attended_keys(mask, Bm == 1 ? 0 : b, qi, nq, nk, idx, add);
       const int64_t M = static_cast<int64_t>(idx.size());
-      const uint16_t* kbase = kp + (b * KVH + kh) * nk * D;
-      const uint16_t* vbase = vp + (b * KVH + kh) * nk * D;
+      const uint16_t* kbase = kp + b * k.stride(0) + kh * k.stride(1);
+      const uint16_t* vbase = vp + b * v.stride(0) + kh * v.stride(1);
       for (int64_t g = 0; g < G; ++g) {  // the group's queries as bf16 pairs (zeros past D)
         const uint16_t* qrow = qp + ((b * H + kh * G + g) * nq + qi) * D;
         for (int64_t c = 0; c < chunks32; ++c) {

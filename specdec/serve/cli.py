@@ -12,7 +12,7 @@ PER_REQUEST = ("do_sample", "temperature", "top_k", "top_p", "seed")  # _common'
 
 
 def add_parser(sub, common) -> None:
-    """Register ``serve`` with the model-loading flags of ``common`` (specdec.cli's shared flags)."""
+    """Register ``serve`` with the model-loading flags of ``common`` (specdec.commands.parser's shared flags)."""
     p = sub.add_parser("serve", help="an OpenAI-compatible server (/v1/completions, /v1/chat/completions)",
                        description="Serve one engine over HTTP; needs pip install 'specdec[serve]'. The first drafter "
                                    "entry of the preset (or --drafter) drafts; --max-new-tokens is the default "

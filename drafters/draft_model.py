@@ -46,9 +46,10 @@ from dataclasses import dataclass
 
 import torch
 
-from specdec.drafters import register_drafter
-from specdec.drafters.base import Drafter
 from specdec.draft_length import POLICIES, StopReason, create_length_policy
+from specdec.drafters import register_drafter
+from specdec.drafters.acceptance import load_acceptance_head, shipped_acceptance_head
+from specdec.drafters.base import Drafter
 from specdec.drafters.sampled_pool import SAMPLE_TREES, grow_sampled_pool, sampled_order
 from specdec.drafters.topk_pool import grow_topk_pool, path_signal
 from specdec.drafters.tree_budget import TreeBudget
@@ -56,6 +57,7 @@ from specdec.errors import IncompatibleModelsError, InvalidInputError
 from specdec.finite import check_draft_distribution
 from specdec.kernels import cpu_kernels, kernel_status, quantized_copy, weights_kind
 from specdec.memory import release_memory
+from specdec.models.draft_transforms import cheap_draft, resolve_draft_vocab
 from specdec.runner import CausalLMRunner
 from specdec.sampling import drafter_logits, seen_mask
 from specdec.state import DecodeState, StepOutcome
@@ -132,13 +134,12 @@ _PREPARED: "weakref.WeakKeyDictionary[torch.nn.Module, dict]" = weakref.WeakKeyD
 def _prepare(model: torch.nn.Module, config: DraftModelConfig, vocab=None) -> torch.nn.Module:
     """The model that drafts: on CPU by default a copy with int8 weights on the native kernels, converted as
     ``weights="int8"`` converts a model (:func:`specdec.kernels.quantized_copy`; proposals only); without the kernels
-    the model's own dtype, with a warning. A model loaded with quantized weights (``weights="int8"`` or ``"w8a8"``, specdec.kernels) is used as it is;
-    ``quantize="q4_k"``, a reduced ``vocab`` or ``draft_layers`` make a cheaper copy (draft_transforms).
+    the model's own dtype, with a warning. A model loaded with quantized weights (``weights="int8"`` or ``"w8a8"``,
+    specdec.kernels) is used as it is; ``quantize="q4_k"``, a reduced ``vocab`` or ``draft_layers`` make a cheaper
+    copy (draft_transforms).
 
     Converted copies are shared by every drafter built from the same model (a 0.5B copy costs ~1 GB).
     """
-    from specdec.models.draft_transforms import cheap_draft
-
     q4_k = config.quantize == "q4_k"
     if not (q4_k or vocab is not None or config.draft_layers is not None):
         return _prepare_base(model, config)
@@ -197,8 +198,6 @@ class _Fed:
 
 def _acceptance_head(folder: str | None, draft: torch.nn.Module, target: torch.nn.Module):
     """The SpecDec++ head for this pair: from ``folder``, else the shipped one; a clear error when there is none."""
-    from specdec.drafters.acceptance import load_acceptance_head, shipped_acceptance_head
-
     if folder is None:
         folder = shipped_acceptance_head(draft, target)
         if folder is None:
@@ -236,8 +235,6 @@ class DraftModelDrafter(Drafter):
             raise IncompatibleModelsError(
                 f"draft model vocabulary ({draft_vocab} tokens) differs from the target's ({target_vocab}); "
                 "the draft model must share the target's tokenizer")
-        from specdec.models.draft_transforms import resolve_draft_vocab
-
         vocab = resolve_draft_vocab(self.config.draft_vocab, target)
         self.runner = CausalLMRunner(_prepare(model, self.config, vocab))
         self.cached = torch.zeros(0, dtype=torch.long)  # token ids of the draft cache's slots (a prefix of them

@@ -21,7 +21,12 @@ import time
 
 import torch
 
-from benchmarks.prompts import encode, read_prompts, select
+import specdec.models
+from specdec import SpecEngine
+from specdec.benchmarks.prompts import encode, read_prompts, select
+from specdec.drafters import create_drafter
+from specdec.drafters.draft_model import DraftModelDrafter
+from specdec.models.draft_transforms import resolve_draft_vocab
 from specdec.runner import CausalLMRunner
 
 VARIANTS = {  # name -> draft-model options
@@ -83,11 +88,6 @@ def first_token_acceptance(draft, sequences: list[tuple[torch.Tensor, int]]) -> 
 
 
 def main(argv=None) -> None:
-    import specdec.models
-    from specdec import SpecEngine
-    from specdec.drafters import create_drafter
-    from specdec.drafters.draft_model import DraftModelDrafter
-
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--target", default="qwen2.5-coder-1.5b")
     ap.add_argument("--draft", default="qwen2.5-coder-0.5b")
@@ -106,8 +106,6 @@ def main(argv=None) -> None:
     names = args.variants.split(",")
     options = {name: parse_variant(name) for name in names}
     if any(o.get("draft_vocab") == "shipped" for o in options.values()):
-        from specdec.models.draft_transforms import resolve_draft_vocab
-
         vocab = resolve_draft_vocab("shipped", target)  # once: it fingerprints the target's LM head
         for o in options.values():
             if o.get("draft_vocab") == "shipped":

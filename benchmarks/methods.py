@@ -123,7 +123,7 @@ def build_method(spec: dict, target, draft=None, sampling: Sampling = Sampling()
     if baseline == "hf-prompt-lookup":
         return HFGenerate(name, target, {"prompt_lookup_num_tokens": options.get("num_tokens", 10)}, sampling)
     if baseline in ("llama-cpp", "llama-cpp-prompt-lookup"):
-        from specdec.benchmarks.llama_cpp import LlamaCppGenerate
+        from specdec.benchmarks.llama_cpp import LlamaCppGenerate  # cycle: llama_cpp imports methods
 
         if gguf is None:
             raise InvalidInputError(f"the {baseline} baseline needs the target's GGUF file: name a registered model "

@@ -22,6 +22,10 @@ import threading
 import time
 import urllib.request
 
+from specdec.benchmarks import prompts as P
+from specdec.cli import build_parser, settings
+from specdec.serve.cli import build_service
+
 
 def stream_chat(url: str, model: str, prompt: str, max_tokens: int) -> tuple[str, int, float, float]:
     """(text, completion tokens, seconds from request to [DONE], tau) of one streamed greedy chat completion."""
@@ -59,10 +63,7 @@ def main() -> int:
     import uvicorn
     from transformers import TextStreamer
 
-    from specdec.benchmarks import prompts as P
-    from specdec.cli import build_parser, settings
-    from specdec.serve.app import create_app
-    from specdec.serve.cli import build_service
+    from specdec.serve.app import create_app  # optional: Starlette (the serve extra)
 
     flags = ["--config", args.config, "--drafter", args.drafter, "--max-new-tokens", str(args.max_new_tokens)]
     service = build_service(settings(build_parser().parse_args(["serve", *flags])))

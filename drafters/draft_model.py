@@ -38,6 +38,7 @@ proposal feeds only what the cache lacks.
 from __future__ import annotations
 
 import copy
+import functools
 import time
 import warnings
 import weakref
@@ -45,15 +46,18 @@ from dataclasses import dataclass
 
 import torch
 
-from specdec.drafters import register_drafter
-from specdec.drafters.base import Drafter
 from specdec.draft_length import POLICIES, StopReason, create_length_policy
+from specdec.drafters import register_drafter
+from specdec.drafters.acceptance import load_acceptance_head, shipped_acceptance_head
+from specdec.drafters.base import Drafter
 from specdec.drafters.sampled_pool import SAMPLE_TREES, grow_sampled_pool, sampled_order
 from specdec.drafters.topk_pool import grow_topk_pool, path_signal
 from specdec.drafters.tree_budget import TreeBudget
 from specdec.errors import IncompatibleModelsError, InvalidInputError
 from specdec.finite import check_draft_distribution
+from specdec.kernels import cpu_kernels, kernel_status, quantized_copy, weights_kind
 from specdec.memory import release_memory
+from specdec.models.draft_transforms import cheap_draft, resolve_draft_vocab
 from specdec.models.lean_runner import draft_runner
 from specdec.sampling import drafter_logits, seen_mask
 from specdec.state import DecodeState, StepOutcome
@@ -80,7 +84,9 @@ class DraftModelConfig:
     #                                     head for this draft model and target
     acceptance_threshold: "float | str" = "auto"  # specdec++: stop once P(a fed token is rejected) exceeds this;
     #                                               "auto": derived from measured costs (specdec.draft_length)
-    quantize: str | None = "auto"  # "int8": dynamic int8 Linear layers (CPU only); "auto": int8 when on CPU;
+    quantize: str | None = "auto"  # "int8": a copy with int8 linear layers on the native CPU kernels, as
+    #                                weights="int8" loads a model (CPU only; without the kernels the draft runs in
+    #                                its own dtype, with a warning); "auto": int8 when on CPU;
     #                                "q4_k": every linear layer re-quantized to Q4_K on the CPU kernel, whatever
     #                                format it was loaded in (specdec.models.draft_transforms)
     draft_vocab: object = None  # a reduced vocabulary for the draft's LM head (FR-Spec): a DraftVocab, "shipped"
@@ -130,14 +136,14 @@ _PREPARED: "weakref.WeakKeyDictionary[torch.nn.Module, dict]" = weakref.WeakKeyD
 
 
 def _prepare(model: torch.nn.Module, config: DraftModelConfig, vocab=None) -> torch.nn.Module:
-    """The model that drafts: int8-quantized on CPU by default (3x cheaper than bf16 there; proposals only); a model
-    loaded with quantized weights (``weights="int8"`` or ``"w8a8"``, specdec.kernels) is used as it is;
-    ``quantize="q4_k"``, a reduced ``vocab`` or ``draft_layers`` make a cheaper copy (draft_transforms).
+    """The model that drafts: on CPU by default a copy with int8 weights on the native kernels, converted as
+    ``weights="int8"`` converts a model (:func:`specdec.kernels.quantized_copy`; proposals only); without the kernels
+    the model's own dtype, with a warning. A model loaded with quantized weights (``weights="int8"`` or ``"w8a8"``,
+    specdec.kernels) is used as it is; ``quantize="q4_k"``, a reduced ``vocab`` or ``draft_layers`` make a cheaper
+    copy (draft_transforms).
 
     Converted copies are shared by every drafter built from the same model (a 0.5B copy costs ~1 GB).
     """
-    from specdec.models.draft_transforms import cheap_draft
-
     q4_k = config.quantize == "q4_k"
     if not (q4_k or vocab is not None or config.draft_layers is not None):
         return _prepare_base(model, config)
@@ -151,115 +157,33 @@ def _prepare(model: torch.nn.Module, config: DraftModelConfig, vocab=None) -> to
 
 
 def _prepare_base(model: torch.nn.Module, config: DraftModelConfig) -> torch.nn.Module:
-    from specdec.kernels import weights_kind
-
     on_cpu = model.get_input_embeddings().weight.device.type == "cpu"
     if weights_kind(model) != "dense":
         return model.eval()  # loaded with weights="int8" / "w8a8": already on a native kernel, drafts as it is
     quantize = config.quantize == "int8" or (config.quantize == "auto" and on_cpu)
     if quantize and not on_cpu:
-        raise InvalidInputError("quantize='int8' uses torch's CPU dynamic quantization; the draft model is not on CPU")
+        raise InvalidInputError("quantize='int8' runs on the native CPU int8 kernels (specdec.kernels); the draft "
+                                "model is not on CPU")
+    if quantize and cpu_kernels() is None:
+        _warn_no_int8_kernels(kernel_status()["cpu"].removeprefix("fallback: "))
+        quantize = False
     key = "int8" if quantize else config.dtype
     if key is None:
         return model.eval()
     copies = _PREPARED.setdefault(model, {})
     if key not in copies:
-        copies[key] = _convert(model, quantize, config.dtype)
-    return copies[key]
+        # int8: converted as weights="int8" converts a model (Int8Linear layers, bf16 elsewhere), tensors shared
+        copies[key] = quantized_copy(model, "int8") if quantize else copy.deepcopy(model).to(getattr(torch, key))
+        release_memory()
+    return copies[key].eval()
 
 
-def _convert(model: torch.nn.Module, quantize: bool, dtype: str | None) -> torch.nn.Module:
-    if quantize:
-        with warnings.catch_warnings():  # torch.ao dynamic quantization warns that it is deprecated for torchao
-            warnings.simplefilter("ignore")
-            model = _int8_copy(model)
-    else:
-        model = copy.deepcopy(model).to(getattr(torch, dtype))
-    return model.eval()
-
-
-def _int8_copy(model: torch.nn.Module) -> torch.nn.Module:
-    """What ``quantize_dynamic(copy.deepcopy(model).float(), {nn.Linear}, dtype=torch.qint8)`` returns (same int8
-    weights, scales, fp32 biases and norms, same outputs), without its fp32 copy of the whole model (2 GB for the
-    0.5B draft, on top of the model): the module tree is copied with the tensors still shared, each Linear is
-    quantized from its own weight a block of rows at a time (min/max and rounding are per element, so blocks change
-    nothing), embedding tables are shared (``_SharedEmbedding``) and only the small remaining tensors (norms,
-    buffers) get fp32 copies. ``model`` is left untouched."""
-    tensors = [*model.parameters(), *model.buffers()]
-    clone = copy.deepcopy(model, memo={id(t): t for t in tensors})  # modules and config copied, tensors shared
-    for parent in list(clone.modules()):
-        for child_name, child in list(parent.named_children()):
-            if type(child) is torch.nn.Linear:  # exactly the modules quantize_dynamic({nn.Linear}) swaps
-                setattr(parent, child_name, _int8_linear(child))
-            elif _SharedEmbedding.fits(child):
-                setattr(parent, child_name, _SharedEmbedding(child))
-    fp32: dict[int, torch.Tensor] = {}  # id(original tensor) -> its fp32 copy, so tied tensors stay tied
-
-    def as_fp32(t: torch.Tensor) -> torch.Tensor:
-        if id(t) not in fp32:
-            fp32[id(t)] = t.detach().float() if t.is_floating_point() else t
-        return fp32[id(t)]
-
-    for module in clone.modules():
-        for key, p in list(module._parameters.items()):
-            if p is not None:
-                module._parameters[key] = torch.nn.Parameter(as_fp32(p), requires_grad=p.requires_grad)
-        for key, b in list(module._buffers.items()):
-            if b is not None:
-                module._buffers[key] = as_fp32(b)
-    del fp32
-    release_memory()
-    return clone
-
-
-def _int8_linear(linear: torch.nn.Linear, rows: int = 4096) -> torch.nn.Module:
-    """``torch.ao.nn.quantized.dynamic.Linear.from_float`` of an fp32 copy of ``linear`` (default dynamic qconfig:
-    per-tensor symmetric qint8 from the weight's min/max), computed ``rows`` rows at a time."""
-    from torch.ao.nn.quantized.dynamic import Linear as DynamicLinear
-    from torch.ao.nn.quantized.modules.utils import _clamp_weights
-    from torch.ao.quantization import default_dynamic_qconfig
-
-    weight = linear.weight.detach()
-    observer = default_dynamic_qconfig.weight()
-    for block in weight.split(rows):
-        observer(block)  # running min/max: the whole weight's
-    scale, zero_point = observer.calculate_qparams()
-    int8 = torch.empty(weight.shape, dtype=torch.int8)
-    for start, block in zip(range(0, weight.shape[0], rows), weight.split(rows)):
-        q = torch.quantize_per_tensor(block.float(), float(scale), int(zero_point), torch.qint8)
-        int8[start:start + block.shape[0]] = _clamp_weights(q, observer, scale, zero_point).int_repr()
-    qweight = torch._make_per_tensor_quantized_tensor(int8, float(scale), int(zero_point))
-    bias = None if linear.bias is None else linear.bias.detach().float()
-    qlinear = DynamicLinear(linear.in_features, linear.out_features, dtype=torch.qint8)
-    qlinear.set_weight_bias(qweight, bias)
-    for hook in linear._forward_pre_hooks.values():  # as torch.ao.quantization.quantize.swap_module does
-        qlinear.register_forward_pre_hook(hook)
-    for hook in linear._forward_hooks.values():
-        qlinear.register_forward_hook(hook)
-    return qlinear
-
-
-class _SharedEmbedding(torch.nn.Module):
-    """An ``nn.Embedding`` of the int8 draft copy that looks tokens up in the original bf16/fp16 table and upcasts
-    the rows: bitwise the rows of an fp32 copy of the table (the upcast is exact), without the copy (545 MB for
-    the 0.5B draft). The table is a plain attribute, not a parameter, so the copy's parameters stay fp32."""
-
-    def __init__(self, embedding: torch.nn.Embedding):
-        super().__init__()
-        self.weight = embedding.weight.detach()
-        self.num_embeddings, self.embedding_dim = embedding.num_embeddings, embedding.embedding_dim
-        self.padding_idx = embedding.padding_idx
-
-    @staticmethod
-    def fits(module: torch.nn.Module) -> bool:
-        return (type(module) is torch.nn.Embedding and module.max_norm is None and not module.sparse
-                and module.weight.dtype in (torch.bfloat16, torch.float16))
-
-    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
-        return torch.nn.functional.embedding(input_ids, self.weight, self.padding_idx).float()
-
-    def extra_repr(self) -> str:
-        return f"{self.num_embeddings}, {self.embedding_dim}, shared {self.weight.dtype} table, fp32 output"
+@functools.lru_cache(maxsize=None)
+def _warn_no_int8_kernels(why: str) -> None:
+    """Say once (per reason) that the int8 draft falls back to the draft model's own dtype."""
+    warnings.warn(f"specdec: the draft-model drafter's int8 draft needs the native CPU kernels ({why}); it drafts in "
+                  "the draft model's own dtype instead, which is slower (outputs are unchanged)", RuntimeWarning,
+                  stacklevel=2)
 
 
 @dataclass
@@ -278,8 +202,6 @@ class _Fed:
 
 def _acceptance_head(folder: str | None, draft: torch.nn.Module, target: torch.nn.Module):
     """The SpecDec++ head for this pair: from ``folder``, else the shipped one; a clear error when there is none."""
-    from specdec.drafters.acceptance import load_acceptance_head, shipped_acceptance_head
-
     if folder is None:
         folder = shipped_acceptance_head(draft, target)
         if folder is None:
@@ -317,8 +239,6 @@ class DraftModelDrafter(Drafter):
             raise IncompatibleModelsError(
                 f"draft model vocabulary ({draft_vocab} tokens) differs from the target's ({target_vocab}); "
                 "the draft model must share the target's tokenizer")
-        from specdec.models.draft_transforms import resolve_draft_vocab
-
         vocab = resolve_draft_vocab(self.config.draft_vocab, target)
         self.runner = draft_runner(_prepare(model, self.config, vocab), self.config.lean)
         self.cached = torch.zeros(0, dtype=torch.long)  # token ids of the draft cache's slots (a prefix of them

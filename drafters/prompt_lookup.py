@@ -18,9 +18,10 @@ from dataclasses import dataclass
 
 import torch
 
-from specdec.budget import ForwardCosts, choose_budget, forward_costs
+from specdec.budget import ForwardCosts
 from specdec.drafters import register_drafter
 from specdec.drafters.base import Drafter
+from specdec.drafters.tree_budget import TreeBudget
 from specdec.errors import InvalidInputError
 from specdec.state import DecodeState, StepOutcome
 from specdec.tree import DraftTree
@@ -76,7 +77,8 @@ class PromptLookupDrafter(Drafter):
         self.config = config or PromptLookupConfig(**options)
         self.auto = self.config.num_tokens == "auto"
         self.acceptance = DepthAcceptance(AUTO_MAX_TOKENS)
-        self._costs = ForwardCosts.from_mapping(costs) if isinstance(costs, Mapping) else costs
+        self.budget_policy = TreeBudget(target, "auto" if self.auto else self.config.num_tokens,
+                                        max_budget=AUTO_MAX_TOKENS, costs=costs)
         self.lengths: list[int] = []  # num_tokens="auto": the length chosen at each step with a match (this call)
 
     def begin(self, state: DecodeState) -> None:
@@ -98,9 +100,7 @@ class PromptLookupDrafter(Drafter):
     def auto_length(self, available: int) -> int:
         """How many of ``available`` copied tokens to verify: the most expected tokens per second, at least one (a
         step that verifies none would teach the rates nothing)."""
-        if self._costs is None:
-            self._costs = forward_costs(self.target_model)
-        k = max(1, choose_budget(self.acceptance.path_values()[:available], self._costs))
+        k = max(1, self.budget_policy.chain_length(self.acceptance.path_values()[:available]))
         self.lengths.append(k)
         return k
 

@@ -6,7 +6,8 @@ target's measured forward costs (Sequoia-style, arXiv 2402.12374; the cost model
 own probabilities (``draft-model``, the trained heads) the policy scales them by a running calibration, the ratio of
 accepted to predicted tokens (:func:`specdec.budget.update_calibration`, which also relaxes it toward 1 after a
 step that kept no node, so a low estimate cannot pin the budget at 0). Drafters that calibrate their values
-themselves (``aded`` per depth, ``token-recycling`` per node) take the kept nodes from :meth:`TreeBudget.select`.
+themselves (``aded`` per depth, ``token-recycling`` per node) take the kept nodes from :meth:`TreeBudget.select`,
+and a chain's length from :meth:`TreeBudget.chain_length` (``prompt-lookup``, from its acceptance rates by depth).
 
 The chosen count travels on the proposal (``DraftTree.budget``); the calibration is the only state kept here.
 """
@@ -62,6 +63,14 @@ class TreeBudget:
         values = (ordered_log_values.float().exp() * self.calibration).clamp(max=1.0)
         k = choose_budget(values, self.measured_costs(), draft_seconds, self.max_budget)
         return k, float(values[:k].sum())
+
+    def chain_length(self, path_values: torch.Tensor, draft_seconds: float = 0.0) -> int:
+        """How many links of a chain to keep, from ``path_values`` [m]: the probability that the chain is accepted
+        up to each depth, calibrated by the drafter itself (``prompt-lookup``'s rates by depth). Fixed: the budget
+        (at most m); auto: the count (at most ``max_budget``) that maximises expected tokens per second."""
+        if not self.auto:
+            return min(int(self.budget), path_values.numel())
+        return choose_budget(path_values, self.measured_costs(), draft_seconds, self.max_budget)
 
     def observe(self, predicted: float | None, tree_size: int, accepted: int) -> None:
         """After a proposal whose :meth:`choose` predicted ``predicted`` tokens was verified: ``accepted`` of its

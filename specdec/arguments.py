@@ -7,6 +7,7 @@ import operator
 
 import torch
 
+from specdec.drafters.base import Drafter
 from specdec.errors import InvalidInputError
 
 
@@ -28,8 +29,6 @@ def as_count(value, name: str):
 
 def check_drafter(drafter) -> None:
     """Refuse at construction what is not a drafter object (None, a registry name, a model), naming the fix."""
-    from specdec.drafters.base import Drafter
-
     if isinstance(drafter, Drafter):
         return
     if isinstance(drafter, str):

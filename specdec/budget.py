@@ -24,6 +24,7 @@ import torch
 
 from specdec.errors import InvalidInputError
 from specdec.files import default_cache_dir, write_json_atomic
+from specdec.kernels import weights_kind
 from specdec.runner import CausalLMRunner, text_config
 
 DEFAULT_SIZES = (1, 2, 4, 8, 16, 32, 64)
@@ -198,8 +199,6 @@ def measure_forward_costs(model: torch.nn.Module, sizes: tuple[int, ...] = DEFAU
 def cost_key(model: torch.nn.Module, sizes: tuple[int, ...] = DEFAULT_SIZES, context: int = 256) -> str:
     """What the cost of a forward depends on: the model, its device, dtype, weight format and attention
     implementation, torch's threads, the measurement."""
-    from specdec.kernels import weights_kind
-
     config = text_config(model)
     weight = model.get_input_embeddings().weight
     device = str(weight.device)

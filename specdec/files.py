@@ -11,6 +11,8 @@ import tempfile
 from pathlib import Path
 from typing import Callable
 
+from specdec.errors import UnsafeFileError
+
 
 def default_cache_dir() -> Path:
     """``$XDG_CACHE_HOME/specdec`` (default ``~/.cache/specdec``): models, kernels, forward costs, layer sets."""
@@ -64,8 +66,6 @@ def load_tensors(path: "str | os.PathLike", what: str):
 
     import torch
 
-    from specdec.errors import UnsafeFileError
-
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
@@ -78,8 +78,6 @@ def load_tensors(path: "str | os.PathLike", what: str):
 def file_in_folder(folder: "str | os.PathLike", name, listed_in: str) -> Path:
     """``folder / name`` for a file name read from an index file (``listed_in``): a bare name only, never an
     absolute path, a ``..`` or a sub-folder, so a crafted index cannot make us read files outside ``folder``."""
-    from specdec.errors import UnsafeFileError
-
     if not isinstance(name, str) or not name or name in (".", "..") or "/" in name or "\\" in name \
             or os.path.isabs(name) or "\x00" in name:
         raise UnsafeFileError(f"{Path(folder) / listed_in} lists the file {name!r}, which is not a plain file name in "

@@ -11,7 +11,12 @@ import numbers
 import os
 from pathlib import Path
 
+from specdec.benchmarks.methods import BASELINES
+from specdec.drafters import available_drafters, drafter_class
+from specdec.drafters.options import check_options
 from specdec.errors import InvalidInputError, UnknownNameError
+from specdec.sampling import SamplingConfig
+from specdec.verifiers import available_verifiers, create_verifier
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 WEIGHTS = ("dense", "int8", "w8a8", "gguf")
@@ -91,9 +96,6 @@ def check_output_folder(path: str) -> None:
 
 
 def _check_names(cfg: dict) -> None:
-    from specdec.benchmarks.methods import BASELINES
-    from specdec.verifiers import available_verifiers
-
     unknown = [b for b in cfg.get("baselines") or [] if b not in BASELINES]
     if unknown:
         raise UnknownNameError(f"unknown baselines {unknown}; valid: {', '.join(BASELINES)}")
@@ -104,11 +106,6 @@ def _check_names(cfg: dict) -> None:
 
 
 def _check_drafter_entries(entries: list[dict]) -> None:
-    from specdec.benchmarks.methods import BASELINES
-    from specdec.drafters import available_drafters, drafter_class
-    from specdec.drafters.options import check_options
-    from specdec.verifiers import available_verifiers
-
     for entry in entries:
         name = entry["name"]
         options = entry.get("options") or {}
@@ -132,9 +129,6 @@ def _check_drafter_entries(entries: list[dict]) -> None:
 
 
 def _check_sampling(cfg: dict, min_p, repetition_penalty) -> None:
-    from specdec.sampling import SamplingConfig
-    from specdec.verifiers import create_verifier
-
     do_sample = bool(cfg.get("do_sample"))
     SamplingConfig(do_sample, cfg.get("temperature", 1.0), cfg.get("top_k"), cfg.get("top_p"), min_p,
                    repetition_penalty)

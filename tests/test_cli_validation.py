@@ -24,7 +24,8 @@ def _no_model_loads(monkeypatch):
     def refuse(*args, **kwargs):
         raise AssertionError("a model was loaded before the settings were checked")
 
-    monkeypatch.setattr("specdec.cli.load_models", refuse)
+    for command in ("bench", "generate"):
+        monkeypatch.setattr(f"specdec.commands.{command}.load_models", refuse)
 
 
 def _preset(tmp_path, text: str) -> str:

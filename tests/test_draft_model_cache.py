@@ -15,9 +15,8 @@ from specdec.tree import DraftTree
 from tiny_models import ARCHS, greedy_reference, tiny_model, tiny_prompt
 
 NEW_TOKENS = 24
-# draft -> its options: another tiny model (mostly rejected) or the target itself (all accepted). Both unquantized:
-# CPU's default dynamic int8 quantization scales activations per forward call, so what a cache holds would depend
-# on how its tokens were batched, not only on which tokens it holds.
+# draft -> its options: another tiny model (mostly rejected) or the target itself (all accepted). Both unquantized
+# fp32: the cache is compared with a fresh prefill at fp32 tolerance (an int8 draft computes in bf16).
 DRAFT_MODELS = {"other": lambda arch: dict(model=tiny_model(arch, seed=1), quantize=None),
                 "target": lambda arch: dict(model=tiny_model(arch), quantize=None)}
 SHAPES = {

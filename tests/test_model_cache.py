@@ -4,14 +4,12 @@ serves wheels built from it)."""
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import hashlib
 import json
 import signal
 import subprocess
 import sys
-import warnings
 import zipfile
 from pathlib import Path
 
@@ -404,51 +402,3 @@ def test_models_command_lists_fetches_and_refetches(cache, capsys):
     assert cli_main(["models", "--fetch", "no-such-model"]) == 2
     assert "unknown model 'no-such-model'" in capsys.readouterr().err
 
-
-# ---------------------------------------------------------------------------------------------- the int8 drafter
-def _same(a, b) -> bool:
-    if torch.is_tensor(a):
-        if a.is_quantized:
-            return (b.is_quantized and torch.equal(a.int_repr(), b.int_repr()) and a.q_scale() == b.q_scale()
-                    and a.q_zero_point() == b.q_zero_point())
-        return a.dtype == b.dtype and torch.equal(a, b)
-    if isinstance(a, (tuple, list)):
-        return len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b))
-    return a == b
-
-
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
-@pytest.mark.parametrize("tie", [False, True])
-def test_int8_draft_copy_equals_quantize_dynamic_of_an_fp32_copy(tie, dtype, monkeypatch):
-    """The draft-model drafter's int8 copy is built without an fp32 copy of the whole model (Linear weights are
-    quantized a block of rows at a time, the embedding table is shared), and computes exactly what
-    ``quantize_dynamic(deepcopy(model).float())`` does; the model it came from is left untouched."""
-    import functools
-
-    from torch.ao.quantization import quantize_dynamic
-    from transformers import Qwen2Config, Qwen2ForCausalLM
-
-    from specdec.drafters import draft_model
-
-    monkeypatch.setattr(draft_model, "_int8_linear", functools.partial(draft_model._int8_linear, rows=7))
-    torch.manual_seed(0)
-    config = Qwen2Config(vocab_size=300, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=tie)
-    model = Qwen2ForCausalLM(config).to(dtype).eval()
-    before = {k: v.clone() for k, v in model.state_dict().items()}
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        expected = quantize_dynamic(copy.deepcopy(model).float(), {torch.nn.Linear}, dtype=torch.qint8, inplace=True)
-        got = draft_model._int8_copy(model).eval()
-    ids = torch.randint(0, 300, (1, 9))
-    with torch.no_grad():
-        assert torch.equal(got(ids).logits, expected(ids).logits)
-    got_state, expected_state = got.state_dict(), expected.state_dict()
-    shared = {"model.embed_tokens.weight"} if dtype == torch.bfloat16 else set()
-    assert set(expected_state) - set(got_state) == shared and set(got_state) <= set(expected_state)
-    for key, value in got_state.items():  # int8 weights, scales, fp32 biases and norms
-        assert _same(value, expected_state[key]), key
-    for (name, a), (_, b) in zip(got.named_buffers(), expected.named_buffers()):
-        assert _same(a, b), name
-    assert all(p.dtype == torch.float32 for p in got.parameters())
-    assert all(v.dtype == dtype and torch.equal(before[k], v) for k, v in model.state_dict().items())

@@ -9,9 +9,10 @@ import torch
 
 from specdec import SpecEngine
 from specdec import engine as engine_module, overlap as overlap_module, step as step_module
-from specdec.cli import build_parser, device_map_of, settings
+from specdec.cli import build_parser, settings
 from specdec.drafters import create_drafter
 from specdec.errors import InvalidInputError
+from specdec.loading import device_map_of
 from specdec.models import load_folder
 from specdec.state import DecodeState
 from tiny_models import greedy_reference, tiny_model, tiny_prompt

@@ -24,8 +24,10 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
+from specdec import models
 from specdec.drafters.heads.base import DraftHeads
-from specdec.drafters.heads.checkpoint import _write_atomic
+from specdec.drafters.heads.checkpoint import _read_index, _write_atomic, load_heads
+from specdec.drafters.heads.config import HeadsConfig
 from specdec.errors import InvalidInputError
 
 FORMATS = ("vllm",)
@@ -62,9 +64,6 @@ def export_vllm(heads: DraftHeads, output: "str | os.PathLike") -> Path:
 
 def heads_kind(folder: "str | os.PathLike") -> str:
     """The kind recorded in a heads folder's ``heads.json`` (read without loading the tensors)."""
-    from specdec.drafters.heads.checkpoint import _read_index
-    from specdec.drafters.heads.config import HeadsConfig
-
     return HeadsConfig.from_dict(_read_index(Path(folder)).get("config")).kind
 
 
@@ -90,9 +89,6 @@ def add_parser(sub) -> None:
 
 def cmd_export_heads(args) -> int:
     import sys
-
-    from specdec import models
-    from specdec.drafters.heads.checkpoint import _read_index, load_heads
 
     check_exportable(args.heads_dir, args.format)
     target_name = args.target or (_read_index(Path(args.heads_dir))["config"].get("recipe") or {}).get("target")

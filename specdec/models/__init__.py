@@ -7,7 +7,9 @@ import warnings
 from collections.abc import Callable
 from pathlib import Path
 
-from specdec.errors import CorruptCacheError
+from specdec.attention import use_fast_cpu_attention
+from specdec.errors import CorruptCacheError, InvalidInputError
+from specdec.kernels import quantize_linears
 from specdec.memory import release_memory
 from specdec.models.fetch import (
     check_converted,
@@ -17,8 +19,13 @@ from specdec.models.fetch import (
     model_lock,
     refetch_hint,
 )
+from specdec.models.gguf_weights import apply_gguf_weights
+from specdec.models.int8_cache import build_from_state, cached_int8_state, save_int8_state
+from specdec.models.mapped_embedding import map_input_embedding
 from specdec.models.reading import reads_not_maps
 from specdec.models.registry import MODELS, ModelSpec, get_spec
+from specdec.precision import default_dtype
+from specdec.runner import execution_device
 
 __all__ = ["MODELS", "ModelSpec", "available_models", "gguf_path", "load", "load_folder", "local_path"]
 
@@ -69,8 +76,6 @@ def _check_device(device) -> None:
     """A clear error for a device this machine does not have (e.g. --draft-device cuda without a GPU)."""
     import torch
 
-    from specdec.errors import InvalidInputError
-
     if device is None:
         return
     try:
@@ -84,8 +89,6 @@ def _check_device(device) -> None:
 
 
 def _check_device_map(device_map, device, weights: str, offload_folder) -> None:
-    from specdec.errors import InvalidInputError
-
     if device is not None:
         raise InvalidInputError(f"give device ({device!r}) or device_map, not both")
     if weights != "dense":
@@ -110,11 +113,6 @@ def load_folder(folder: str | Path, dtype=None, device=None, name: str | None = 
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from specdec.errors import InvalidInputError
-    from specdec.models.mapped_embedding import map_input_embedding
-    from specdec.precision import default_dtype
-    from specdec.runner import execution_device
-
     if weights not in WEIGHTS:
         raise InvalidInputError(f"unknown weights={weights!r}; choose one of {', '.join(WEIGHTS)}")
     quantized = weights != "dense"
@@ -137,8 +135,6 @@ def load_folder(folder: str | Path, dtype=None, device=None, name: str | None = 
     placed = {} if device_map is None else {"device_map": device_map, "offload_folder": offload_folder}
     int8_cached = quantized and name is not None  # a cached model keeps its quantized form beside it
     if int8_cached:
-        from specdec.models.int8_cache import build_from_state, cached_int8_state
-
         state = cached_int8_state(Path(folder), dtype, weights)
         if state is not None:
             try:
@@ -155,16 +151,10 @@ def load_folder(folder: str | Path, dtype=None, device=None, name: str | None = 
             _reraise_as_corrupt(exc, folder, name, "weights or config")
             raise
         if weights == "gguf":
-            from specdec.models.gguf_weights import apply_gguf_weights
-
             apply_gguf_weights(model, gguf_file() if callable(gguf_file) else gguf_file)
         elif quantized:
-            from specdec.kernels import quantize_linears
-
             quantize_linears(model, weights)
         if int8_cached:
-            from specdec.models.int8_cache import save_int8_state
-
             save_int8_state(model, Path(folder), dtype, weights)
     if name is not None and device_map is None and (device is None or torch.device(device).type == "cpu"):
         map_input_embedding(model, folder)  # a cached model: its untied embedding table stays on disk, mapped
@@ -172,8 +162,6 @@ def load_folder(folder: str | Path, dtype=None, device=None, name: str | None = 
     if device is not None:
         model = model.to(device)
     if execution_device(model).type == "cpu":
-        from specdec.attention import use_fast_cpu_attention
-
         use_fast_cpu_attention(model)  # a few queries over a long cache: 8x faster than sdpa's CPU kernel
     model.eval()
     if not tokenizer:

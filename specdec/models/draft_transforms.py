@@ -29,6 +29,7 @@ import torch
 import torch.nn.functional as F
 
 from specdec.errors import InvalidInputError
+from specdec.kernels.int8_linear import Int8Linear
 from specdec.kernels.kquant_linear import Q4_K, QK, KQuantLinear, pack_fields, unpack_packed
 
 QUANTIZE = ("q4_k",)
@@ -62,7 +63,7 @@ def resolve_draft_vocab(spec, target: torch.nn.Module):
     vocabulary)."""
     from pathlib import Path
 
-    from specdec.drafters.heads.vocab import DraftVocab
+    from specdec.drafters.heads.vocab import DraftVocab  # cycle: specdec.drafters -> draft_model -> here
 
     if spec is None:
         return None
@@ -84,8 +85,8 @@ def resolve_draft_vocab(spec, target: torch.nn.Module):
 
 
 def _shipped_vocab(target: torch.nn.Module, rows: int):
-    from specdec.drafters.heads import KINDS
-    from specdec.drafters.heads.drafter import shipped_heads
+    from specdec.drafters.heads import KINDS  # cycle: specdec.drafters -> draft_model -> here
+    from specdec.drafters.heads.drafter import shipped_heads  # cycle: specdec.drafters -> draft_model -> here
 
     for kind in KINDS:
         folder = shipped_heads(kind, target)
@@ -101,8 +102,8 @@ def _folder_vocab(folder, rows: int):
     """The reduced vocabulary saved with the heads in ``folder``, or None (full vocabulary)."""
     from safetensors import safe_open
 
-    from specdec.drafters.heads.checkpoint import VOCAB_KEY
-    from specdec.drafters.heads.vocab import DraftVocab
+    from specdec.drafters.heads.checkpoint import VOCAB_KEY  # cycle: specdec.drafters -> draft_model -> here
+    from specdec.drafters.heads.vocab import DraftVocab  # cycle: specdec.drafters -> draft_model -> here
 
     for path in sorted(folder.glob("*.safetensors")):
         with safe_open(str(path), framework="pt") as f:
@@ -152,8 +153,6 @@ def restrict_vocab(model: torch.nn.Module, vocab, dense: bool = False) -> None:
 def _rows_of(head: torch.nn.Module, ids: torch.Tensor, dense: bool) -> torch.nn.Module:
     """A linear layer holding ``head``'s rows ``ids``: of ``head``'s kind (a GGUF k-quant's blocks as they are, an
     int8 kind re-rounded per row from the same values: the same int8 values), or with ``dense`` an ``nn.Linear``."""
-    from specdec.kernels.int8_linear import Int8Linear
-
     bias = getattr(head, "bias", None)
     bias = None if bias is None or not bias.numel() else bias.detach()[:head.out_features][ids]
     if type(head) is KQuantLinear and not dense:
@@ -246,8 +245,6 @@ def q4_k_linear(linear: torch.nn.Module, rows: int = 4096) -> KQuantLinear:
 def requantize_q4_k(model: torch.nn.Module) -> int:
     """Replace every linear layer of ``model`` (LM head rows included) by its Q4_K re-quantization, in place; a layer
     already in Q4_K stays. Returns the number of layers replaced."""
-    from specdec.kernels.int8_linear import Int8Linear
-
     count = 0
     for parent in list(model.modules()):
         for name, child in list(parent.named_children()):

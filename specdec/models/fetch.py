@@ -35,6 +35,7 @@ from tqdm.auto import tqdm
 
 from specdec.errors import ChecksumError, CorruptCacheError, ModelFetchError
 from specdec.files import default_cache_dir, sha256_of  # noqa: F401  (default_cache_dir: re-exported to specdec.models)
+from specdec.models.convert import convert_gguf
 from specdec.models.registry import ModelSpec
 
 _BLOCK = 1 << 20
@@ -219,8 +220,6 @@ def ensure_gguf(spec: ModelSpec, cache_dir: Path) -> Path:
 def convert_to_safetensors(spec: ModelSpec, gguf: Path, out_dir: Path) -> Path:
     """De-quantize ``gguf`` into a plain HF folder (fp32 safetensors shards, config, tokenizer) at ``out_dir``,
     built in a temporary folder that is renamed into place once complete."""
-    from specdec.models.convert import convert_gguf
-
     print(f"converting {gguf.name} to safetensors (once; about a minute)...", file=sys.stderr)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = out_dir.with_name(f"{out_dir.name}{_PARTIAL}-{os.getpid()}")

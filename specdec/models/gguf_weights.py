@@ -22,6 +22,8 @@ import numpy as np
 import torch
 
 from specdec.errors import InvalidInputError
+from specdec.kernels.kquant_linear import NAMES, KQuantLinear, dequantize_fields, unpack_blocks
+from specdec.kernels.w8a8_linear import W8A8Linear
 
 _LAYER = re.compile(r"^model\.layers\.(\d+)\.(self_attn|mlp)\.(\w+)$")
 _NAMES = {"q_proj": "attn_q", "k_proj": "attn_k", "v_proj": "attn_v", "o_proj": "attn_output",
@@ -42,9 +44,6 @@ def gguf_tensor_name(module_name: str, tensors: dict) -> str | None:
 
 def apply_gguf_weights(model: torch.nn.Module, gguf_file: str | Path) -> Counter:
     """Swap ``model``'s linear layers for the GGUF file's tensors; return how many layers run in each format."""
-    from specdec.kernels.kquant_linear import NAMES, KQuantLinear
-    from specdec.kernels.w8a8_linear import W8A8Linear
-
     reader, arch = _read(gguf_file)
     tensors = {t.name: t for t in reader.tensors}
     counts: Counter = Counter()
@@ -106,8 +105,6 @@ def _hf_row_order(blocks: np.ndarray, tensor_name: str, arch: str, config) -> np
 
 
 def _check_rows(blocks: np.ndarray, qtype: int, linear: torch.nn.Linear, name: str, gguf_file) -> None:
-    from specdec.kernels.kquant_linear import dequantize_fields, unpack_blocks
-
     rows = min(CHECK_ROWS, blocks.shape[0])
     stored = dequantize_fields(unpack_blocks(blocks[:rows], qtype), qtype)
     loaded = linear.weight.detach()[:rows].float()

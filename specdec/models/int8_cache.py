@@ -19,6 +19,11 @@ from pathlib import Path
 
 import torch
 
+from specdec.files import write_atomic
+from specdec.kernels.int8_linear import Int8Linear
+from specdec.kernels.kquant_linear import KQuantLinear
+from specdec.kernels.w8a8_linear import W8A8Linear
+
 FORMAT = "specdec-int8-v1"
 KINDS = ("int8", "w8a8", "gguf")
 
@@ -61,8 +66,6 @@ def cached_int8_state(folder: Path, dtype: torch.dtype, kind: str = "int8") -> d
 def save_int8_state(model: torch.nn.Module, folder: Path, dtype: torch.dtype, kind: str = "int8") -> Path:
     from safetensors.torch import save_file
 
-    from specdec.files import write_atomic
-
     state = {k: v.contiguous() for k, v in model.state_dict().items()}
     meta = {"format": FORMAT, "dtype": str(dtype), "source": source_signature(folder)}
     return write_atomic(folder / file_name(kind), lambda tmp: save_file(state, tmp, metadata=meta))
@@ -73,10 +76,6 @@ def build_from_state(folder: Path, dtype: torch.dtype, state: dict) -> torch.nn.
     ``nn.Linear`` swapped for an empty :class:`Int8Linear` of the shapes in ``state``, then the tensors assigned."""
     from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig
     from transformers.initialization import no_init_weights
-
-    from specdec.kernels.int8_linear import Int8Linear
-    from specdec.kernels.kquant_linear import KQuantLinear
-    from specdec.kernels.w8a8_linear import W8A8Linear
 
     config = AutoConfig.from_pretrained(folder)
     with no_init_weights():

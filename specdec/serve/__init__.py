@@ -12,7 +12,7 @@ from specdec.serve.generation import Completion, GenerationCancelled, Generation
 
 def create_app(service: GenerationService, max_waiting: int = 16, max_body_bytes: int = 1 << 20):
     """The Starlette app (imported here lazily: the extra is optional); see :func:`specdec.serve.app.create_app`."""
-    from specdec.serve.app import create_app as _create_app
+    from specdec.serve.app import create_app as _create_app  # optional: Starlette (the serve extra)
 
     return _create_app(service, max_waiting, max_body_bytes)
 

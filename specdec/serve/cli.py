@@ -6,13 +6,16 @@ import argparse
 import sys
 from pathlib import Path
 
+from specdec.benchmarks.methods import build_method
 from specdec.errors import InvalidInputError, SpecDecError
+from specdec.loading import load_models
+from specdec.serve.generation import GenerationService
 
 PER_REQUEST = ("do_sample", "temperature", "top_k", "top_p", "seed")  # _common's flags a request sets for itself
 
 
 def add_parser(sub, common) -> None:
-    """Register ``serve`` with the model-loading flags of ``common`` (specdec.cli's shared flags)."""
+    """Register ``serve`` with the model-loading flags of ``common`` (specdec.commands.parser's shared flags)."""
     p = sub.add_parser("serve", help="an OpenAI-compatible server (/v1/completions, /v1/chat/completions)",
                        description="Serve one engine over HTTP; needs pip install 'specdec[serve]'. The first drafter "
                                    "entry of the preset (or --drafter) drafts; --max-new-tokens is the default "
@@ -31,10 +34,6 @@ def add_parser(sub, common) -> None:
 def build_service(cfg: dict):
     """The models of ``cfg`` (a preset overlaid with flags), loaded once, as a GenerationService."""
     import torch
-
-    from specdec.benchmarks.methods import build_method
-    from specdec.loading import load_models
-    from specdec.serve.generation import GenerationService
 
     if cfg.get("threads"):
         torch.set_num_threads(int(cfg["threads"]))
@@ -60,7 +59,7 @@ def cmd_serve(cfg: dict, args: argparse.Namespace) -> int:
     try:
         import uvicorn
 
-        from specdec.serve.app import create_app
+        from specdec.serve.app import create_app  # optional: Starlette and uvicorn (serve extra)
     except ImportError as exc:
         raise SpecDecError(f"specdec serve needs the serve extra ({exc.name} is missing): "
                            "pip install 'specdec[serve]'") from exc

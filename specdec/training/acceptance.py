@@ -7,9 +7,9 @@ position i is the draft's last hidden state when Y_i is fed after X_<i (what the
 labelled 1 when Y_i == X_i: the target's greedy choice after X_<i is X_i, so greedy verification would accept Y_i
 exactly then. Every example, accepted or not, is computed the way drafting computes it: Y_i alone in a 1-token
 forward on the cache of X_<i. (Reusing the teacher-forced states where Y_i == X_i and computing only the others
-separately leaks the label: the int8 draft quantizes activations per forward, so a head learns which forward a
-state came from; held-out AUC 0.999 that way, on nothing real.) One prefill plus ``per_sequence`` one-token
-forwards per sequence, no target forward.
+separately leaked the label: the int8 draft of the time (torch dynamic quantization) quantized activations per
+forward, so a head learned which forward a state came from; held-out AUC 0.999 that way, on nothing real.) One
+prefill plus ``per_sequence`` one-token forwards per sequence, no target forward.
 
 Where we differ from the paper: it samples Y from the draft and labels with min(1, p/q) (sampling acceptance),
 and mixes target and draft tokens in the input (token mixing, r = 0.15) to get many positions from one forward;

@@ -4,7 +4,15 @@ from __future__ import annotations
 
 import argparse
 
+from specdec.drafters import create_drafter
+from specdec.drafters.acceptance import save_acceptance_head
+from specdec.drafters.heads.fingerprint import target_fingerprint
+from specdec.errors import InvalidInputError
+from specdec.files import sha256_of
 from specdec.loading import load_models
+from specdec.training import preset, train_heads
+from specdec.training.acceptance import acceptance_examples, held_out, train_acceptance_head
+from specdec.training.jsonl import read_rows
 
 
 def add_parser(sub) -> argparse.ArgumentParser:
@@ -43,8 +51,6 @@ def add_parser(sub) -> argparse.ArgumentParser:
 
 def cmd_train(args: argparse.Namespace) -> int:
     import torch
-
-    from specdec.training import preset, train_heads
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -99,14 +105,6 @@ def cmd_train_acceptance(args: argparse.Namespace) -> int:
     import sys
 
     import torch
-
-    from specdec.drafters import create_drafter
-    from specdec.drafters.acceptance import save_acceptance_head
-    from specdec.drafters.heads.fingerprint import target_fingerprint
-    from specdec.errors import InvalidInputError
-    from specdec.training.acceptance import acceptance_examples, held_out, train_acceptance_head
-    from specdec.files import sha256_of
-    from specdec.training.jsonl import read_rows
 
     if args.threads:
         torch.set_num_threads(args.threads)

@@ -19,8 +19,10 @@ from pathlib import Path
 
 import torch
 
+from specdec.benchmarks.prompts import SPEC_BENCH, Prompt, encode
 from specdec.errors import InvalidInputError
 from specdec.training.jsonl import append_rows, read_rows
+from specdec.training.target_forward import greedy_generate
 
 SEED_FILE = resources.files("specdec.training") / "data" / "seed_tasks.jsonl"  # shipped in the wheel
 SHINGLE = 8  # words: a grown instruction sharing this many consecutive words with a benchmark prompt is dropped
@@ -53,8 +55,6 @@ def shingles(text: str, n: int = SHINGLE) -> set[str]:
 
 def benchmark_shingles(path: "str | Path | None" = None) -> set[str]:
     """8-word runs of every turn of the shipped Spec-Bench prompts (or the JSONL file ``path``)."""
-    from specdec.benchmarks.prompts import SPEC_BENCH
-
     out: set[str] = set()
     for row in read_rows(path or SPEC_BENCH):
         for turn in row.get("turns") or [row.get("prompt", "")]:
@@ -103,8 +103,6 @@ def grow(target, tokenizer, seeds: list[TrainingPrompt], path: "str | Path", req
 
     from tqdm.auto import tqdm
 
-    from specdec.training.target_forward import greedy_generate
-
     text_of = {s.id: s.text for s in seeds}
     done = {row["request"] for row in read_rows(path)}
     todo = [r for r in plan_requests(seeds, requests, generator) if r["request"] not in done]
@@ -145,8 +143,6 @@ def collect_prompts(seeds: list[TrainingPrompt], grown_rows: list[dict], limit: 
 
 def encode_text(tokenizer, text: str, chat: bool = True) -> list[int]:
     """Token ids of one user message, through the chat template when the tokenizer has one."""
-    from specdec.benchmarks.prompts import Prompt, encode
-
     return encode(tokenizer, Prompt("train", "train", text), chat=chat)[0].tolist()
 
 

@@ -24,8 +24,15 @@ from pathlib import Path
 
 import torch
 
-from specdec.files import write_json_atomic
+from specdec.drafters.heads import KINDS, DraftVocab, build_heads, save_heads, target_fingerprint
+from specdec.errors import InvalidInputError
+from specdec.files import sha256_of, write_json_atomic
+from specdec.training import instructions as ins
+from specdec.training.answers import answer_and_extract
+from specdec.training.batches import label_counts, split
+from specdec.training.feature_cache import FeatureCache
 from specdec.training.recipe import TrainRecipe
+from specdec.training.trainer import train_heads_on
 
 
 def _log(msg: str) -> None:
@@ -40,15 +47,6 @@ def train_heads(target, tokenizer, output: "str | os.PathLike", recipe: TrainRec
     :class:`TrainingPrompt` to answer instead of seeds + growth. With ``resume=False`` the output folder must hold
     no earlier run. ``reuse_data``: train on the feature cache already in ``output`` (another kind on the same
     data), with no growth and no answering; the kinds trained are added to the summary there."""
-    from specdec.drafters.heads import KINDS, DraftVocab, build_heads, save_heads, target_fingerprint
-    from specdec.errors import InvalidInputError
-    from specdec.training import instructions as ins
-    from specdec.training.answers import answer_and_extract
-    from specdec.training.batches import label_counts, split
-    from specdec.training.feature_cache import FeatureCache
-    from specdec.files import sha256_of
-    from specdec.training.trainer import train_heads_on
-
     recipe = recipe or TrainRecipe()
     out = Path(output)
     if reuse_data and not (out / "features" / "manifest.json").is_file():

@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass, field
 
+from specdec.drafters.heads.config import KINDS
 from specdec.errors import InvalidInputError, UnknownNameError
 
 
@@ -58,8 +59,6 @@ class TrainRecipe:
     data_share: float = 0.6  # of the budget for growth + answers + features; training gets the rest
 
     def __post_init__(self) -> None:
-        from specdec.drafters.heads.config import KINDS
-
         bad = [k for k in self.kinds if k not in KINDS]
         if bad or not self.kinds:
             raise InvalidInputError(f"unknown head kind(s) {bad or '(none)'}; choose from {', '.join(KINDS)}")

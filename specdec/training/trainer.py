@@ -28,6 +28,7 @@ import torch
 
 from specdec.files import load_tensors, write_atomic
 from specdec.training.batches import collate
+from specdec.training.diffusion import DiffusionObjective
 from specdec.training.loss import HeadsObjective
 from specdec.training.recipe import TrainRecipe
 
@@ -72,8 +73,6 @@ def batch_at(train: list, step: int, batch_size: int, seed: int) -> list:
 def objective_for(heads):
     """DEER trains its block with the two-stage diffusion objective; every other kind with the heads' loss."""
     if heads.config.kind == "deer":
-        from specdec.training.diffusion import DiffusionObjective
-
         return DiffusionObjective()
     return HeadsObjective()
 

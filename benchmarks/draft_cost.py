@@ -30,8 +30,8 @@ from specdec.models.draft_transforms import resolve_draft_vocab
 from specdec.runner import CausalLMRunner
 
 VARIANTS = {  # name -> draft-model options
-    "base": {},
-    "vocab": dict(draft_vocab="shipped"),
+    "base": dict(quantize=None),  # as loaded (quantize "auto" would re-quantize a gguf draft to Q4_K)
+    "vocab": dict(quantize=None, draft_vocab="shipped"),
     "q4k": dict(quantize="q4_k"),
     "q4k+vocab": dict(quantize="q4_k", draft_vocab="shipped"),
 }

@@ -42,7 +42,7 @@ import functools
 import time
 import warnings
 import weakref
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -68,14 +68,16 @@ from specdec.tree import DraftTree, ProposalKind, kept_parents
 class DraftModelConfig:
     mode: str = "tree"  # "chain" or "tree"
     depth: int = 6  # levels of the tree / tokens of the chain
-    topk: int | None = None  # children per expanded node (tree); None: 4 greedy, 2 sampled (see sampled_shape)
-    width: int | None = None  # nodes expanded per level (tree); None: 4 greedy, 1 sampled
+    topk: int | None = None  # children per expanded node (tree); None: 4 greedy, 2 sampled (see sampled_shape);
+    #                           2 for a gguf draft (GGUF_DEFAULTS)
+    width: int | None = None  # nodes expanded per level (tree); None: 4 greedy, 1 sampled; 2 for a gguf draft
     budget: "int | str" = "auto"  # nodes kept in the final tree (an int), or "auto": the node count that maximises
     #                               expected tokens per second under the target's measured forward costs; it won on
     #                               every measured dtype and mode (docs/drafters.md, "Defaults")
     max_budget: int = 32  # cap of an "auto" budget
-    min_prob: float = 0.2  # stop expanding once the best frontier path probability falls below this: one more
-    #                         int8 draft forward (~35 ms) must buy more than it costs (tuned on the Qwen pair, bf16)
+    min_prob: float | None = None  # stop expanding once the best frontier path probability falls below this: one
+    #                                more draft forward must buy more than it costs. None: 0.2 (an int8 draft of a
+    #                                bf16 target, ~0.2x its cost; tuned on the Qwen pair) or 0.4 for a gguf draft
     length_policy: str = "confidence"  # when to stop drafting deeper (specdec.draft_length): "confidence" (the
     #                                    best path's probability below min_prob), "fixed" (always to depth),
     #                                    "hf-heuristic" (HF's num_assistant_tokens schedule) or "specdec++" (an
@@ -133,6 +135,22 @@ class DraftModelConfig:
 
 
 _PREPARED: "weakref.WeakKeyDictionary[torch.nn.Module, dict]" = weakref.WeakKeyDictionary()
+
+
+# The defaults for a draft loaded with weights="gguf" (the CPU fast path), where a draft forward costs 0.3-0.4x the
+# target's instead of ~0.2x: the best of the configurations measured there (docs/cpu-fast-path.md, "What a chain
+# or tree of this draft can gain": a 2 x 2 tree of the Q4_K re-quantized draft, stopped below path probability 0.4).
+GGUF_DEFAULTS = dict(quantize="q4_k", topk=2, width=2, min_prob=0.4)
+DENSE_MIN_PROB = 0.2
+
+
+def resolve_defaults(config: DraftModelConfig, model: torch.nn.Module) -> DraftModelConfig:
+    """``config`` with what was left to the draft's format filled in: :data:`GGUF_DEFAULTS` for a gguf draft (only
+    the fields left at "auto" / None), min_prob 0.2 otherwise."""
+    if weights_kind(model) != "gguf":
+        return replace(config, min_prob=DENSE_MIN_PROB) if config.min_prob is None else config
+    unset = {"quantize": "auto", "topk": None, "width": None, "min_prob": None}
+    return replace(config, **{k: v for k, v in GGUF_DEFAULTS.items() if getattr(config, k) == unset[k]})
 
 
 def _prepare(model: torch.nn.Module, config: DraftModelConfig, vocab=None) -> torch.nn.Module:
@@ -232,7 +250,7 @@ class DraftModelDrafter(Drafter):
         super().__init__(target)
         if model is None:
             raise InvalidInputError("draft-model needs model=<a small causal LM sharing the target's tokenizer>")
-        self.config = config or DraftModelConfig(**options)
+        self.config = resolve_defaults(config or DraftModelConfig(**options), model)
         target_vocab = target.get_output_embeddings().weight.shape[0]
         draft_vocab = model.get_output_embeddings().weight.shape[0]
         if target_vocab != draft_vocab:

@@ -15,7 +15,7 @@ from specdec.memory import limit_heap_retention
 
 def load_models(cfg: dict):
     dtype = None if cfg["dtype"] == "auto" else getattr(torch, cfg["dtype"])  # None: native bf16, else fp32
-    weights = cfg.get("weights", "dense")
+    weights = cfg.get("weights", "auto")
     placement = {"device_map": device_map_of(cfg.get("device_map")), "offload_folder": cfg.get("offload_folder")}
     target, tokenizer = _load(models, cfg["target"], dtype, weights=weights, **placement)
     cfg["dtype"] = str(target.dtype).removeprefix("torch.")  # what "auto" chose, for the report
@@ -40,7 +40,7 @@ def device_map_of(value):
     return parsed
 
 
-def _load(models, name: str, dtype, tokenizer: bool = True, weights: str = "dense", **placement):
+def _load(models, name: str, dtype, tokenizer: bool = True, weights: str = "auto", **placement):
     limit_heap_retention()  # freed loading temporaries and activations go back to the OS (peak RSS)
     if Path(name).is_dir():  # read, not memory-mapped (peak RSS)
         return models.load_folder(name, dtype=dtype, tokenizer=tokenizer, weights=weights, **placement)

@@ -19,7 +19,7 @@ from specdec.sampling import SamplingConfig
 from specdec.verifiers import available_verifiers, create_verifier
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
-WEIGHTS = ("dense", "int8", "w8a8", "gguf")
+WEIGHTS = ("auto", "dense", "int8", "w8a8", "gguf")
 
 
 def _is_int(value) -> bool:

@@ -74,7 +74,7 @@ def test_output_that_is_a_file_or_unwritable_is_refused_before_the_run(tmp_path,
 @pytest.mark.parametrize("text, phrase", [
     ("threads: many\n", "'threads' .* must be an integer >= 1, got 'many'"),
     ("dtype: __class__\n", "'dtype' .* must be one of auto, float32, bfloat16, float16, got '__class__'"),
-    ("weights: fp4\n", "'weights' .* must be one of dense"),
+    ("weights: fp4\n", "'weights' .* must be one of auto, dense"),
     ("limit: 2.5\n", "'limit' .* must be an integer >= 1, got 2.5"),
     ("do_sample: 'yes'\n", "'do_sample' .* must be true or false"),
     ("baselines: plain\n", "'baselines' .* must be a list of baseline names"),
@@ -108,7 +108,7 @@ def test_every_shipped_preset_passes_the_checks():
 @pytest.mark.parametrize("name, options, phrase", [
     ("draft-model", dict(depth="4"), "option depth must be an int, got str '4'"),
     ("draft-model", dict(depth=2.5), "option depth must be an int, got float 2.5"),
-    ("draft-model", dict(min_prob="x"), "option min_prob must be a number, got str 'x'"),
+    ("draft-model", dict(min_prob="x"), "option min_prob must be a number or None, got str 'x'"),
     ("draft-model", dict(model="qwen2.5-coder-0.5b"), "option model must be a torch.Module or None, got str"),
     ("prompt-lookup", dict(num_tokens=[3]), "option num_tokens must be an int or a string"),
     ("prompt-lookup", dict(max_ngrams=3), "has no option 'max_ngrams'; its options: costs, max_ngram"),

@@ -18,8 +18,9 @@ def add_common_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"],
                    help="target, draft and baseline precision (auto: bf16 where the hardware has it natively, else "
                         "fp32; the presets name theirs)")
-    p.add_argument("--weights", choices=["dense", "int8", "w8a8", "gguf"],
-                   help="target and draft weights: dense (default: every weight in --dtype), int8 (weight-only int8, "
+    p.add_argument("--weights", choices=["auto", "dense", "int8", "w8a8", "gguf"],
+                   help="target and draft weights: auto (default: gguf on a CPU where the kernels run and the model "
+                        "has a k-quant GGUF file, else dense), dense (every weight in --dtype), int8 (weight-only int8, "
                         "bf16 activations), w8a8 (int8 weights and activations) or gguf (the GGUF file's own Q4_K / Q6_K "
                         "tensors, as llama.cpp runs them), on native CPU kernels (docs/cpu-fast-path.md)")
     p.add_argument("--threads", type=int, help="torch CPU threads")

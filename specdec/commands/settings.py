@@ -20,7 +20,7 @@ def settings(args: argparse.Namespace) -> dict:
             value = [v.strip() for v in value.split(",") if v.strip()]
         cfg[key] = value
     cfg.setdefault("dtype", "auto")
-    cfg.setdefault("weights", "dense")
+    cfg.setdefault("weights", "auto")
     cfg.setdefault("max_new_tokens", 128)
     cfg.setdefault("do_sample", False)
     cfg.setdefault("temperature", 1.0)

@@ -21,6 +21,7 @@ from specdec.models.fetch import (
 )
 from specdec.models.gguf_weights import apply_gguf_weights
 from specdec.models.int8_cache import build_from_state, cached_int8_state, save_int8_state
+from specdec.models.auto_weights import resolve_weights
 from specdec.models.mapped_embedding import map_input_embedding
 from specdec.models.reading import reads_not_maps
 from specdec.models.registry import MODELS, ModelSpec, get_spec
@@ -47,17 +48,19 @@ def gguf_path(name: str, cache_dir: str | Path | None = None) -> Path:
         return ensure_gguf(spec, cache)
 
 
-WEIGHTS = ("dense", "int8", "w8a8", "gguf")
+WEIGHTS = ("auto", "dense", "int8", "w8a8", "gguf")
 
 
 def load(name: str, dtype=None, device=None, cache_dir: str | Path | None = None, tokenizer: bool = True,
-         weights: str = "dense", device_map=None, offload_folder: str | Path | None = None):
+         weights: str = "auto", device_map=None, offload_folder: str | Path | None = None):
     """Return ``(model, tokenizer)`` for one of :func:`available_models`.
 
     ``dtype=None`` picks the precision that is fast and exact on ``device`` (default CPU): bf16 where it is native
     (AVX-512 BF16 / AMX on a CPU, or a GPU that supports it), fp32 otherwise (:mod:`specdec.precision`).
     ``tokenizer=False`` returns ``(model, None)`` (a draft model shares the target's tokenizer).
-    ``weights``: ``"dense"`` (every weight in ``dtype``), ``"int8"`` (weight-only int8 linear layers, LM head
+    ``weights``: ``"auto"`` (the default: ``"gguf"`` on a CPU where the kernels run and the model's GGUF file holds
+    k-quant tensors, else ``"dense"``; said once on stderr, :mod:`specdec.models.auto_weights`), ``"dense"``
+    (every weight in ``dtype``), ``"int8"`` (weight-only int8 linear layers, LM head
     included, bf16 activations) or ``"w8a8"`` (the same int8 weights times int8 activations, rounded per token and
     128-column block), both on native CPU kernels (:mod:`specdec.kernels`, docs/cpu-fast-path.md), or ``"gguf"``
     (the GGUF file's own Q4_K / Q6_K tensors, the model llama.cpp runs, times int8 activations rounded per 256
@@ -67,7 +70,7 @@ def load(name: str, dtype=None, device=None, cache_dir: str | Path | None = None
     dict from module names to ``"cpu"``, a GPU index or ``"disk"``); modules on ``"disk"`` are offloaded to
     ``offload_folder`` and loaded for each forward. Dense weights only; ``device`` must then be None."""
     folder = local_path(name, cache_dir)
-    gguf_file = (lambda: gguf_path(name, cache_dir)) if weights == "gguf" else None  # checked only when read
+    gguf_file = (lambda: gguf_path(name, cache_dir)) if weights in ("gguf", "auto") else None  # read when needed
     return load_folder(folder, dtype=dtype, device=device, name=name, tokenizer=tokenizer, weights=weights,
                        device_map=device_map, offload_folder=offload_folder, gguf_file=gguf_file)
 
@@ -102,7 +105,7 @@ def _check_device_map(device_map, device, weights: str, offload_folder) -> None:
 
 
 def load_folder(folder: str | Path, dtype=None, device=None, name: str | None = None, tokenizer: bool = True,
-                weights: str = "dense", gguf_file: "str | Path | Callable[[], Path] | None" = None,
+                weights: str = "auto", gguf_file: "str | Path | Callable[[], Path] | None" = None,
                 device_map=None, offload_folder: str | Path | None = None):
     """``(model, tokenizer)`` from a HF folder, reading the safetensors without memory-mapping them (peak memory:
     :mod:`specdec.models.reading`); ``dtype`` and ``weights`` as in :func:`load`. With ``name`` (a cached model),
@@ -115,6 +118,7 @@ def load_folder(folder: str | Path, dtype=None, device=None, name: str | None = 
 
     if weights not in WEIGHTS:
         raise InvalidInputError(f"unknown weights={weights!r}; choose one of {', '.join(WEIGHTS)}")
+    weights = resolve_weights(weights, gguf_file, device, device_map, dtype or default_dtype(device))
     quantized = weights != "dense"
     if device_map is not None:
         _check_device_map(device_map, device, weights, offload_folder)

@@ -75,6 +75,13 @@ def apply_gguf_weights(model: torch.nn.Module, gguf_file: str | Path) -> Counter
     return counts
 
 
+def holds_kquants(gguf_file: str | Path) -> bool:
+    """Whether the GGUF file holds any Q4_K / Q6_K tensor (what ``weights="gguf"`` runs natively); reads the
+    header only."""
+    reader, _ = _read(gguf_file)
+    return any(int(t.tensor_type) in NAMES for t in reader.tensors)
+
+
 def _read(gguf_file: str | Path):
     """``(GGUFReader, architecture)``, or an error naming the file and what is wrong with it."""
     import gguf

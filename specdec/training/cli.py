@@ -65,7 +65,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     if args.draft_vocab is not None:
         changes["draft_vocab_size"] = args.draft_vocab or None
     recipe = recipe.replace(**changes)
-    target, _, tokenizer = load_models({"target": args.target, "dtype": args.dtype})
+    target, _, tokenizer = load_models({"target": args.target, "dtype": args.dtype, "weights": "dense"})  # features
+    #                                                                 of the dense target, as the shipped heads had
     if args.device == "cuda":
         target = target.to("cuda")
     summary = train_heads(target, tokenizer, args.output, recipe, resume=args.resume, progress=not args.no_progress,
@@ -112,7 +113,8 @@ def cmd_train_acceptance(args: argparse.Namespace) -> int:
     if not rows or "answer_ids" not in rows[0]:
         raise InvalidInputError(f"{args.answers} holds no answers with answer_ids: pass the answers.jsonl of a "
                                 "`specdec train` run")
-    target, draft, tokenizer = load_models({"target": args.target, "draft": args.draft, "dtype": args.dtype})
+    target, draft, tokenizer = load_models({"target": args.target, "draft": args.draft, "dtype": args.dtype,
+                                            "weights": "dense"})
     drafter = create_drafter("draft-model", target=target, model=draft)  # the draft model exactly as it drafts
     progress = not args.no_progress
     data = acceptance_examples(drafter.runner.model, tokenizer, rows, per_sequence=args.per_sequence or None,

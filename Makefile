@@ -28,9 +28,13 @@ install: $(STAMP)
 test: $(STAMP)
 	$(PY) -m pytest
 
+# The default preset on the CPU fast path (weights auto: the GGUF files' Q4_K / Q6_K tensors on the native kernels):
+# plain decoding, llama.cpp on the same GGUF file when installed (make llamacpp), the draft-model defaults and
+# prompt lookup, in one table.
+DEMO_BASELINES = plain$(shell $(PY) -c "import llama_cpp" 2>/dev/null && echo ",llama-cpp")
 demo: $(STAMP)
 	$(VENV)/bin/specdec bench --config qwen-coder-pair --limit 6 --max-new-tokens 64 \
-		--drafter draft-model-tree --baselines plain,hf-assisted --output results/demo
+		--drafter draft-model-tree --drafter prompt-lookup-auto --baselines $(DEMO_BASELINES) --output results/demo
 
 bench: $(STAMP)
 	$(VENV)/bin/specdec bench --config qwen-coder-pair --output results/latest

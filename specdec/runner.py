@@ -60,7 +60,31 @@ def text_config(model: torch.nn.Module):
     return config.get_text_config() if hasattr(config, "get_text_config") else config
 
 
-class CausalLMRunner:
+class KVRunner:
+    """What every runner does on top of its own ``reset``, ``forward`` (new tokens at explicit positions under a
+    mask), ``commit`` (keep chosen new slots) and ``device``: :meth:`prefill` and :meth:`crop`. The engine uses
+    :class:`CausalLMRunner`; the draft-model drafter may use :class:`specdec.models.lean_runner.LeanRunner`."""
+
+    length: int
+
+    @torch.no_grad()
+    def prefill(self, input_ids: torch.Tensor, output_hidden_states: bool = False,
+                logits_to_keep: int = 1) -> ForwardOutput:
+        """Reset the cache and run the prompt ``input_ids`` [1, L]; logits of the last ``logits_to_keep`` tokens."""
+        assert input_ids.dim() == 2 and input_ids.shape[0] == 1, "input_ids must be [1, L]"
+        self.reset()
+        n = input_ids.shape[1]
+        positions = torch.arange(n, device=self.device)
+        causal = torch.ones(n, n, dtype=torch.bool, device=self.device).tril_()
+        return self.forward(input_ids[0], positions, causal, output_hidden_states, logits_to_keep)
+
+    def crop(self, length: int) -> None:
+        """Drop every cache slot from ``length`` on."""
+        if length < self.length:
+            self.commit(length, torch.zeros(0, dtype=torch.long))
+
+
+class CausalLMRunner(KVRunner):
     """Feeds tokens to ``model`` on top of its cache. Batch size 1 for now; tensors keep the batch dimension."""
 
     def __init__(self, model: torch.nn.Module):
@@ -93,17 +117,6 @@ class CausalLMRunner:
         self.slot_positions = torch.zeros(0, dtype=torch.long, device=self.device)
 
     # ------------------------------------------------------------------ forwards
-    @torch.no_grad()
-    def prefill(self, input_ids: torch.Tensor, output_hidden_states: bool = False,
-                logits_to_keep: int = 1) -> ForwardOutput:
-        """Reset the cache and run the prompt ``input_ids`` [1, L]; logits of the last ``logits_to_keep`` tokens."""
-        assert input_ids.dim() == 2 and input_ids.shape[0] == 1, "input_ids must be [1, L]"
-        self.reset()
-        n = input_ids.shape[1]
-        positions = torch.arange(n, device=self.device)
-        causal = torch.ones(n, n, dtype=torch.bool, device=self.device).tril_()
-        return self.forward(input_ids[0], positions, causal, output_hidden_states, logits_to_keep)
-
     @torch.no_grad()
     def forward(self, tokens: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor,
                 output_hidden_states: bool = False, logits_to_keep: int = 0) -> ForwardOutput:
@@ -176,9 +189,3 @@ class CausalLMRunner:
             layer.values = layer.values[:, :, :base + n_keep]
         self.slot_positions = torch.cat([self.slot_positions[:base], self.slot_positions[base + keep]])
         self.length = base + n_keep
-
-    def crop(self, length: int) -> None:
-        """Drop every cache slot from ``length`` on."""
-        if self.cache is None or length >= self.length:
-            return
-        self.commit(length, torch.zeros(0, dtype=torch.long))

@@ -30,7 +30,7 @@ from specdec.kernels.build import cpu_kernels
 from specdec.kernels.kquant_linear import KQuantLinear
 from specdec.models.draft_transforms import PaddedKQuantLinear
 from specdec.errors import InvalidInputError
-from specdec.runner import CausalLMRunner, ForwardOutput, text_config
+from specdec.runner import CausalLMRunner, ForwardOutput, KVRunner, text_config
 
 FAMILIES = ("llama", "qwen2")
 MAX_KERNEL_QUERIES = 32  # more queries (a prompt's prefill): torch's grouped matmuls
@@ -115,7 +115,7 @@ def _rms(x: torch.Tensor, weight: torch.Tensor, eps: float, kernels) -> torch.Te
     return F.rms_norm(x.float(), (x.shape[-1],), eps=eps).to(x.dtype) * weight
 
 
-class LeanRunner:
+class LeanRunner(KVRunner):
     """The runner interface of :class:`~specdec.runner.CausalLMRunner` over the lean forward (module docstring)."""
 
     def __init__(self, model: torch.nn.Module, capacity: int = 512):
@@ -164,15 +164,6 @@ class LeanRunner:
         self.keys, self.values = keys, values
 
     # ------------------------------------------------------------------ forwards
-    @torch.no_grad()
-    def prefill(self, input_ids: torch.Tensor, output_hidden_states: bool = False,
-                logits_to_keep: int = 1) -> ForwardOutput:
-        assert input_ids.dim() == 2 and input_ids.shape[0] == 1, "input_ids must be [1, L]"
-        self.reset()
-        n = input_ids.shape[1]
-        causal = torch.ones(n, n, dtype=torch.bool).tril_()
-        return self.forward(input_ids[0], torch.arange(n), causal, output_hidden_states, logits_to_keep)
-
     @torch.no_grad()
     def forward(self, tokens: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor,
                 output_hidden_states: bool = False, logits_to_keep: int = 0) -> ForwardOutput:
@@ -257,12 +248,6 @@ class LeanRunner:
             self.values[:, :, base:base + n_keep] = self.values[:, :, base + keep]
         self.slot_positions = torch.cat([self.slot_positions[:base], self.slot_positions[base + keep]])
         self.length = base + n_keep
-
-    def crop(self, length: int) -> None:
-        """Drop every cache slot from ``length`` on."""
-        if length < self.length:
-            self.length = length
-            self.slot_positions = self.slot_positions[:length]
 
 
 def draft_runner(model: torch.nn.Module, lean: "bool | str" = "auto"):

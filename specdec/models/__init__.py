@@ -118,6 +118,7 @@ def load_folder(folder: str | Path, dtype=None, device=None, name: str | None = 
 
     if weights not in WEIGHTS:
         raise InvalidInputError(f"unknown weights={weights!r}; choose one of {', '.join(WEIGHTS)}")
+    _check_device(device)  # a device this machine lacks is named before anything reads it
     weights = resolve_weights(weights, gguf_file, device, device_map, dtype or default_dtype(device))
     quantized = weights != "dense"
     if device_map is not None:

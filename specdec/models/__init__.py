@@ -118,8 +118,9 @@ def load_folder(folder: str | Path, dtype=None, device=None, name: str | None = 
 
     if weights not in WEIGHTS:
         raise InvalidInputError(f"unknown weights={weights!r}; choose one of {', '.join(WEIGHTS)}")
-    _check_device(device)  # a device this machine lacks is named before anything reads it
-    weights = resolve_weights(weights, gguf_file, device, device_map, dtype or default_dtype(device))
+    if weights == "auto":
+        _check_device(device)  # a device this machine lacks is named before "auto" reads it
+        weights = resolve_weights(weights, gguf_file, device, device_map, dtype or default_dtype(device))
     quantized = weights != "dense"
     if device_map is not None:
         _check_device_map(device_map, device, weights, offload_folder)

@@ -141,7 +141,6 @@ class LeanRunner(KVRunner):
         self.capacity = capacity
         self.keys = self.values = None  # [layers, kv_heads, capacity, head_dim]
         self.length = 0
-        self.slot_positions = torch.zeros(0, dtype=torch.long)
         self.forward_seconds = 0.0
 
     @property
@@ -149,8 +148,7 @@ class LeanRunner(KVRunner):
         return self.embed.weight.device
 
     def reset(self) -> None:
-        self.length = 0
-        self.slot_positions = torch.zeros(0, dtype=torch.long)
+        self.length = 0  # no sliding-window layers here, so no per-slot positions to keep
 
     def _reserve(self, total: int) -> None:
         if self.keys is not None and total <= self.keys.shape[2]:
@@ -197,7 +195,6 @@ class LeanRunner(KVRunner):
             if hidden is not None:
                 hidden.append(x)
         self.length = total
-        self.slot_positions = torch.cat([self.slot_positions, positions])
         kept = x if logits_to_keep == 0 else x[-logits_to_keep:]
         normed = _rms(kept, self.final_norm, self.eps, self.kernels)
         if hidden is not None:  # transformers' last hidden state is after the final norm
@@ -246,7 +243,6 @@ class LeanRunner(KVRunner):
         if n_keep and bool(keep[-1] != n_keep - 1):  # not a plain prefix: gather the kept slots, all layers at once
             self.keys[:, :, base:base + n_keep] = self.keys[:, :, base + keep]
             self.values[:, :, base:base + n_keep] = self.values[:, :, base + keep]
-        self.slot_positions = torch.cat([self.slot_positions[:base], self.slot_positions[base + keep]])
         self.length = base + n_keep
 
 
